@@ -1,0 +1,303 @@
+"""data.py: datasets, transforms and loaders for nanoMIM.
+
+build_dataset(name, root, split, transform) returns a dataset of (image tensor, label) pairs, or
+None in place of a sample whose file could not be read; make_loader() batches it, drops those
+Nones and counts them, so one corrupt JPEG never stops a multi-day run (check_bad_images() stops it
+when too many are bad). `synthetic` needs no files and is the default of `python mae.py`.
+"""
+import gzip
+import os
+import random
+import struct
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+DATASETS = ("synthetic", "imagefolder", "fashion_mnist", "cifar10", "cifar100", "flowers102",
+            "pets", "aircraft", "cars")
+NUM_CLASSES = {"synthetic": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
+               "flowers102": 102, "pets": 37, "aircraft": 100, "cars": 196}
+
+
+class DataError(ValueError):
+    """Missing, empty or mostly unreadable data (the message names the fix)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms
+
+
+def pretrain_transform(img_size):
+    """MAE pre-training augmentation: RandomResizedCrop(0.2-1, bicubic), flip, normalise."""
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(img_size):
+    """Evaluation: resize the short side to 256/224 of the size (bicubic), centre crop."""
+    return v2.Compose([
+        v2.Resize(int(img_size * 256 / 224), interpolation=InterpolationMode.BICUBIC,
+                  antialias=True),
+        v2.CenterCrop(img_size),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def denormalize(imgs):
+    """(B, 3, H, W) ImageNet-normalised -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    return (imgs * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw datasets: each returns (PIL image, int label)
+
+
+class SyntheticShapes(Dataset):
+    """Deterministic, procedurally drawn images of 10 shape classes on textured backgrounds.
+
+    Sample i of a split is always the same picture (seeded by split and index), so runs are
+    reproducible without any file. Class = the shape; colours, texture, size, position and
+    rotation vary.
+    """
+
+    SHAPES = ("disc", "square", "triangle", "diamond", "cross", "ring", "hbar", "vbar", "star",
+              "hexagon")
+
+    def __init__(self, num_images, size, split="train"):
+        self.num_images, self.size = num_images, size
+        self.seed = 0 if split == "train" else 10 ** 9
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        rng = random.Random(self.seed + index)
+        label = index % len(self.SHAPES)
+        s = self.size
+        colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
+        img = Image.new("RGB", (s, s), colour())
+        draw = ImageDraw.Draw(img)
+        stripe_colour, period = colour(), rng.randint(3, max(4, s // 4))
+        texture = rng.choice(("hstripes", "vstripes", "checks", "plain"))
+        for a in range(0, s, period):  # background texture
+            if texture == "hstripes":
+                draw.rectangle([0, a, s, a + period // 2], fill=stripe_colour)
+            elif texture == "vstripes":
+                draw.rectangle([a, 0, a + period // 2, s], fill=stripe_colour)
+            elif texture == "checks":
+                for b in range((a // period) % 2 * period, s, 2 * period):
+                    draw.rectangle([a, b, a + period - 1, b + period - 1], fill=stripe_colour)
+        r = rng.uniform(0.2, 0.35) * s  # shape radius
+        cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
+        turn = rng.uniform(0, 2 * np.pi)
+        fill = colour()
+
+        def polygon(n, radii):
+            angles = [turn + 2 * np.pi * k / n for k in range(n)]
+            return [(cx + radii[k % len(radii)] * np.cos(a), cy + radii[k % len(radii)] * np.sin(a))
+                    for k, a in enumerate(angles)]
+
+        box = [cx - r, cy - r, cx + r, cy + r]
+        shape = self.SHAPES[label]
+        if shape == "disc":
+            draw.ellipse(box, fill=fill)
+        elif shape == "ring":
+            draw.ellipse(box, outline=fill, width=max(2, int(r / 3)))
+        elif shape == "square":
+            draw.polygon(polygon(4, [r]), fill=fill)
+        elif shape == "triangle":
+            draw.polygon(polygon(3, [r]), fill=fill)
+        elif shape == "diamond":
+            draw.polygon(polygon(4, [r, r / 2]), fill=fill)
+        elif shape == "star":
+            draw.polygon(polygon(10, [r, r / 2.5]), fill=fill)
+        elif shape == "hexagon":
+            draw.polygon(polygon(6, [r]), fill=fill)
+        elif shape == "cross":
+            draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=fill)
+            draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=fill)
+        elif shape == "hbar":
+            draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=fill)
+        else:  # vbar
+            draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=fill)
+        return img, label
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST read from its IDX files (.gz or not), as the Debian package ships them."""
+
+    FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+    def __init__(self, root, split):
+        images_file, labels_file = (self._find(root, f) for f in self.FILES[split])
+        self.images = self._read_idx(images_file)  # (N, 28, 28) uint8
+        self.labels = self._read_idx(labels_file)  # (N,) uint8
+
+    @staticmethod
+    def _find(root, name):
+        for candidate in (os.path.join(root, name), os.path.join(root, name + ".gz")):
+            if os.path.isfile(candidate):
+                return candidate
+        raise DataError(f"Fashion-MNIST file {name}[.gz] not found in {root}: run "
+                        "`apt-get install -y dataset-fashion-mnist` or pass --data-root to the "
+                        "folder holding the IDX files")
+
+    @staticmethod
+    def _read_idx(path):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        ndim = data[3]  # IDX header: 0, 0, dtype (8 = uint8), ndim, then ndim big-endian sizes
+        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return Image.fromarray(self.images[index], mode="L"), int(self.labels[index])
+
+
+def _imagefolder(root, split):
+    from torchvision.datasets import ImageFolder
+
+    layout = (f"expected class folders under {root}/{split}/ (ImageNet layout: "
+              f"{root}/train/<class>/<image>.JPEG); set --data-root")
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        if split == "train" and os.path.isdir(root):
+            folder = root  # a plain class-per-folder tree
+        else:
+            raise DataError(f"{folder} does not exist: {layout}")
+    try:
+        return ImageFolder(folder)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"no images found in {folder} ({e}): {layout}") from None
+
+
+def _torchvision(name, root, split, download):
+    from torchvision import datasets as tvd
+
+    train = split == "train"
+    makers = {
+        "cifar10": lambda: tvd.CIFAR10(root, train=train, download=download),
+        "cifar100": lambda: tvd.CIFAR100(root, train=train, download=download),
+        "flowers102": lambda: tvd.Flowers102(root, split="train" if train else "test",
+                                             download=download),
+        "pets": lambda: tvd.OxfordIIITPet(root, split="trainval" if train else "test",
+                                          download=download),
+        "aircraft": lambda: tvd.FGVCAircraft(root, split="trainval" if train else "test",
+                                             download=download),
+        "cars": lambda: tvd.StanfordCars(root, split="train" if train else "test",
+                                         download=download),
+    }
+    try:
+        return makers[name]()
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted ..."
+        raise DataError(f"{name} not found under {root} ({e}); pass --data-root to where it is "
+                        "or add --download to fetch it") from None
+
+
+def build_raw_dataset(name, root=None, split="train", download=False, synthetic_size=2000,
+                      img_size=64):
+    """The dataset itself, yielding (PIL image, label); see build_dataset for the wrapped one."""
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    if name == "synthetic":
+        return SyntheticShapes(synthetic_size if split == "train" else synthetic_size // 4,
+                               img_size, split)
+    if name == "fashion_mnist":
+        return FashionMNIST(root or FASHION_MNIST_DIR, split)
+    if root is None:
+        raise DataError(f"--data {name} needs --data-root (the folder that holds the data)")
+    if name == "imagefolder":
+        return _imagefolder(root, split)
+    if name in NUM_CLASSES:
+        return _torchvision(name, root, split, download)
+    raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Robust wrapper, loader and bad-image accounting
+
+
+class SkipBadImages(Dataset):
+    """Wraps a raw dataset: converts to RGB, applies `transform`, and returns None (with a
+    warning) for a sample whose file cannot be read or decoded, instead of raising."""
+
+    def __init__(self, raw, transform):
+        self.raw, self.transform = raw, transform
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __getitem__(self, index):
+        try:
+            img, label = self.raw[index]
+            img = img.convert("RGB")  # grayscale (Fashion-MNIST) replicated to 3 channels
+        except Exception as e:  # a corrupt, truncated or unreadable file: decode errors vary
+            where = getattr(self.raw, "samples", None)
+            name = where[index][0] if where else f"sample {index}"
+            print(f"warning: skipping unreadable image {name} ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return None
+        return self.transform(img), label
+
+
+def build_dataset(name, root=None, split="train", transform=None, download=False,
+                  synthetic_size=2000, img_size=64):
+    """A dataset of (transformed image, label), or None for an unreadable sample."""
+    raw = build_raw_dataset(name, root, split, download, synthetic_size, img_size)
+    if len(raw) == 0:
+        raise DataError(f"{name} ({split}) under {root} is empty; check --data-root")
+    return SkipBadImages(raw, transform or v2.Compose([v2.ToImage(),
+                                                       v2.ToDtype(torch.float32, scale=True)]))
+
+
+def collate_skipping_bad(batch):
+    """Stack the good samples; returns (images, labels, number of skipped samples)."""
+    good = [s for s in batch if s is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, skipped
+
+
+def make_loader(dataset, batch_size, epoch, seed, rank=0, world_size=1, num_workers=4,
+                shuffle=True, drop_last=True, pin_memory=False):
+    """One epoch's loader. Order and augmentation depend only on (seed, epoch, rank), so a run
+    resumed at an epoch boundary sees exactly the batches an uninterrupted run would."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=drop_last)
+    sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_skipping_bad, drop_last=drop_last, pin_memory=pin_memory,
+                      generator=generator)
+
+
+def check_bad_images(skipped, seen, max_fraction=0.01, tolerance=10):
+    """Stop when unreadable images are more than a small fraction of those seen."""
+    if skipped > max(tolerance, max_fraction * seen):
+        raise DataError(f"{skipped} of {seen} images could not be read (more than "
+                        f"{max_fraction:.0%}): the dataset is damaged; check --data-root and the "
+                        "warnings above")

@@ -1,0 +1,416 @@
+"""mae.py: masked-autoencoder pre-training of a ViT, the one pre-training loop of nanoMIM.
+
+    python mae.py                                   # demo: vit_tiny on synthetic shapes, CPU ok
+    python mae.py --data imagefolder --data-root /path/to/imagenet --epochs 400 ...   # MAE-Tiny
+
+The model follows FAIR MAE (He et al. 2021) step by step, in named functions: patchify,
+random_masking, forward_encoder, forward_decoder, forward_loss. Its state-dict keys are FAIR's
+(encoder keys at the top level, decoder_*), so our checkpoints load in FAIR's and timm's code.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+import plumbing
+from model import VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, sincos_pos_embed
+
+
+# ----------------------------------------------------------------------------------------------
+# The MAE model
+
+
+def patchify(imgs, patch_size):
+    """(B, C, H, W) -> (B, L, p*p*C), each patch flattened in FAIR's (p, q, c) order."""
+    B, C, H, W = imgs.shape
+    p = patch_size
+    x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, q)
+    x = torch.einsum("nchpwq->nhwpqc", x)  # (B, h, w, p, q, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, patch_size, grid, channels=3):
+    """(B, L, p*p*C) -> (B, C, H, W); the inverse of patchify."""
+    B = x.shape[0]
+    p, (h, w) = patch_size, grid
+    x = x.reshape(B, h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
+    return x.reshape(B, channels, h * p, w * p)
+
+
+def random_masking(x, mask_ratio, noise=None):
+    """Per-sample random masking by sorting uniform noise, exactly as FAIR MAE.
+
+    x: (B, L, D) patch tokens. Returns
+      x_kept (B, K, D) with K = int(L * (1 - mask_ratio)), the visible tokens in shuffled order;
+      mask (B, L): 0 is keep, 1 is remove, in the original patch order;
+      ids_restore (B, L): argsort of ids_shuffle, un-shuffles [kept, removed] back to patch order;
+      ids_keep (B, K): the patch index of each visible token (a teacher must see the same ones).
+    """
+    B, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device)  # uniform in [0, 1)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # back to patch order
+    return x_kept, mask, ids_restore, ids_keep
+
+
+class MAE(ViT):
+    """A ViT encoder (the inherited modules, FAIR key names) plus the lightweight MAE decoder.
+
+    recon_layer: the decoder reads the normalised output of this encoder block (1-indexed;
+    default the last). Only the blocks needed are run.
+    """
+
+    def __init__(self, embed_dim=192, depth=12, num_heads=12, img_size=224, patch_size=16,
+                 in_chans=3, decoder_dim=96, decoder_depth=1, decoder_heads=3, mlp_ratio=4.0,
+                 norm_pix_loss=True, recon_layer=None):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, num_classes=0, global_pool="token")
+        self.recon_layer = depth if recon_layer is None else recon_layer
+        self.norm_pix_loss = norm_pix_loss
+        num_patches = self.grid[0] * self.grid[1]
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_dim, *self.grid),
+                                              requires_grad=False)  # (1, 1 + L, Dd), fixed
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
+        init_mae_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks,
+                                        self.decoder_norm, self.decoder_pred]))
+        nn.init.normal_(self.mask_token, std=0.02)
+        assert self.decoder_pos_embed.shape[1] == num_patches + 1
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
+        """Encode the visible patches. Returns (latent, mask, ids_restore, ids_keep, extras):
+        latent (B, 1 + K, D) is the normalised output of block `recon_layer`, cls first;
+        extras = ({block: output}, {block: attention logits}) for the blocks asked for."""
+        x = self.embed(imgs)  # (B, L, D), position added before masking
+        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, noise)
+        x = self.prepend_cls(x)  # (B, 1 + K, D)
+        depth = max([self.recon_layer, *return_blocks, *return_attn])
+        x, block_out, attn_logits = self.run_blocks(x, depth, {self.recon_layer, *return_blocks},
+                                                    return_attn)
+        latent = self.norm(block_out[self.recon_layer])
+        return latent, mask, ids_restore, ids_keep, (block_out, attn_logits)
+
+    def forward_decoder(self, latent, ids_restore):
+        """(B, 1 + K, D) latent -> (B, L, p*p*C) pixel predictions for every patch."""
+        x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L - K, Dd)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd), shuffled order, no cls
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # cls back in front
+        for block in self.decoder_blocks:
+            x, _ = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # (B, 1 + L, p*p*C)
+        return x[:, 1:]  # drop the cls token
+
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error on the removed patches only. With norm_pix_loss each target patch
+        is normalised by its own mean and variance (eps 1e-6; unbiased variance, as FAIR)."""
+        target = patchify(imgs, self.patch_size)  # (B, L, p*p*C)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L), per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore, _, _ = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def build_mae(name, **kwargs):
+    if name not in VIT_CONFIGS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(VIT_CONFIGS)}")
+    return MAE(**VIT_CONFIGS[name], **kwargs)
+
+
+def encoder_state_dict(model):
+    """The backbone alone (what fine-tuning and timm load): every key but the decoder's."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith(("decoder_", "mask_token"))}
+
+
+@torch.no_grad()
+def reconstruction_grid(model, imgs, mask_ratio, path, seed=0):
+    """Save a PNG: originals / masked inputs / reconstructions (visible patches pasted back), one
+    column per image. With norm-pix loss the model predicts each patch normalised by its own
+    mean and std, so the reconstruction is drawn with the true patch's statistics."""
+    from PIL import Image
+
+    model.eval()
+    noise = torch.rand(imgs.shape[0], model.grid[0] * model.grid[1],
+                       generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    _, pred, mask = model(imgs, mask_ratio, noise)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = patchify(imgs, model.patch_size)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    p, grid = model.patch_size, model.grid
+    pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)  # 1 = removed
+    recon = unpatchify(pred, p, grid)
+    rows = [imgs, imgs * (1 - pixel_mask), imgs * (1 - pixel_mask) + recon * pixel_mask]
+    rows = [data.denormalize(r) for r in rows]  # each (B, 3, H, W) in [0, 1]
+    grid_img = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 3H, B*W)
+    array = (grid_img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    image = Image.fromarray(array)
+    scale = max(1, 96 // imgs.shape[-1])  # small demo images are enlarged to be seen
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.save(path)
+    model.train()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="MAE pre-training of a ViT (nanoMIM).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_tiny", choices=list(VIT_CONFIGS), help="encoder")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size in pixels (default 224; 32 for --data synthetic)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="patch size in pixels (default 16; 4 for --data synthetic)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
+    p.add_argument("--recon-layer", type=int, default=None,
+                   help="encoder block (1-indexed) whose normalised output the decoder reads "
+                        "(default: the last block)")
+    p.add_argument("--decoder-dim", type=int, default=96, help="decoder width (MAE-Tiny: 96)")
+    p.add_argument("--decoder-depth", type=int, default=1, help="decoder blocks (MAE-Tiny: 1)")
+    p.add_argument("--decoder-heads", type=int, default=3, help="decoder heads (MAE-Tiny: 3)")
+    p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
+                   help="regress raw (normalised-image) pixels instead of per-patch normalised")
+    p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="dataset")
+    p.add_argument("--data-root", default=None, help="dataset folder (imagefolder: the folder "
+                   "holding train/<class>/...)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the data")
+    p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per GPU per step (default 256; 64 for --data synthetic)")
+    p.add_argument("--accum-iter", type=int, default=1,
+                   help="gradient accumulation steps (effective batch = batch * accum * GPUs)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default 400; 8 for --data synthetic)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warmup epochs (default 40; 1 for --data synthetic)")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data-loading processes per GPU (default: min(8, CPU cores))")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on for CUDA)")
+    p.add_argument("--out-dir", default="out/mae", help="where checkpoints, log and PNG go")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from exactly")
+    p.add_argument("--save-every", type=int, default=20,
+                   help="also keep checkpoint-<epoch>.pth every this many epochs")
+    p.add_argument("--log-every", type=int, default=20, help="log every this many steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    return p
+
+
+def fill_defaults(args):
+    """Defaults that depend on the data: the synthetic demo is small enough for a laptop CPU."""
+    demo = args.data == "synthetic"
+    for name, real, small in (("img_size", 224, 32), ("patch_size", 16, 4), ("batch_size", 256, 64),
+                              ("epochs", 400, 8), ("warmup_epochs", 40, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if demo else real)
+    if args.num_workers is None:
+        args.num_workers = min(8, os.cpu_count() or 1)
+    return args
+
+
+def validate(args, parser):
+    """Every flag checked against the model and the data, with a message that names the fix."""
+    depth = VIT_CONFIGS[args.model]["depth"]
+    if args.recon_layer is not None and not 1 <= args.recon_layer <= depth:
+        parser.error(f"--recon-layer {args.recon_layer} is beyond {args.model}'s {depth} blocks "
+                     f"(choose 1..{depth})")
+    if args.img_size % args.patch_size:
+        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
+                     f"{args.patch_size}")
+    num_patches = (args.img_size // args.patch_size) ** 2
+    if not 0 <= args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
+        parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
+                     f"the {num_patches} patches")
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        parser.error(f"--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads "
+                     f"{args.decoder_heads} and by 4 (sin-cos position embedding)")
+    for name in ("batch_size", "accum_iter", "epochs", "decoder_depth", "decoder_heads",
+                 "save_every", "log_every", "synthetic_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
+                     f"{args.epochs}")
+    if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
+        parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        parser.error(f"--data-root {args.data_root} is not a folder")
+
+
+def sample_images(args, count):
+    """A few evaluation-transformed images for the reconstruction figure: validation split if
+    there is one, else the training split."""
+    try:
+        dataset = data.build_dataset(args.data, args.data_root, "val",
+                                     data.eval_transform(args.img_size), False,
+                                     args.synthetic_size, args.img_size)
+    except data.DataError:
+        dataset = data.build_dataset(args.data, args.data_root, "train",
+                                     data.eval_transform(args.img_size), False,
+                                     args.synthetic_size, args.img_size)
+    samples = (dataset[i] for i in range(min(count, len(dataset))))
+    return torch.stack([s[0] for s in samples if s is not None])
+
+
+ARCH_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", "decoder_heads")
+
+
+def train(args):
+    rank, world_size, device = plumbing.setup_distributed()
+    is_main = rank == 0
+    precision = plumbing.resolve_precision(args.precision, device)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    os.makedirs(args.out_dir, exist_ok=True)
+    last_path = os.path.join(args.out_dir, "checkpoint.pth")
+    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
+
+    dataset = data.build_dataset(args.data, args.data_root, "train",
+                                 data.pretrain_transform(args.img_size), args.download,
+                                 args.synthetic_size, args.img_size)
+    steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
+    if steps_per_epoch < 1:
+        raise data.DataError(f"{len(dataset)} images are fewer than one step needs "
+                             f"({args.batch_size * args.accum_iter * world_size}); lower "
+                             "--batch-size or --accum-iter")
+    plumbing.seed_everything(args.seed)
+    model = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                      decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                      decoder_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss,
+                      recon_layer=args.recon_layer).to(device)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(plumbing.param_groups(model, args.weight_decay), lr=lr,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    start_epoch, step, skipped, seen = 0, 0, 0, 0
+    if args.resume:
+        ckpt = plumbing.load_checkpoint(args.resume)
+        changed = [a for a in ARCH_ARGS if ckpt["args"].get(a) != getattr(args, a)]
+        if changed:
+            raise plumbing.RunError(f"--resume {args.resume} was trained with different "
+                                    f"{', '.join(changed)}; pass the same flags as that run")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        skipped, seen = ckpt["skipped_images"], ckpt["seen_images"]
+        plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    raw_model = model
+    model = plumbing.wrap_ddp(plumbing.maybe_compile(model, use_compile), device)
+
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    plumbing.print0(f"{args.model} MAE | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M"
+                    f" params | {args.data}: {len(dataset)} images, {args.img_size}px | device "
+                    f"{device}, {precision}, compile {use_compile}, {world_size} process(es) | "
+                    f"batch {eff_batch}, lr {lr:.2e}, {total_steps} steps")
+    loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
+    images_since_log = 0
+    for epoch in range(start_epoch, args.epochs):
+        plumbing.seed_everything(args.seed, epoch, rank)
+        loader = data.make_loader(dataset, args.batch_size, epoch, args.seed, rank, world_size,
+                                  args.num_workers, pin_memory=device.type == "cuda")
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+                   total=steps_per_epoch * args.accum_iter, leave=False)
+        for it, (imgs, _, n_bad) in enumerate(bar):
+            if it >= steps_per_epoch * args.accum_iter:
+                break
+            skipped += n_bad
+            seen += args.batch_size
+            data.check_bad_images(skipped, seen)
+            if imgs is None:
+                continue
+            if it % args.accum_iter == 0:
+                plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
+                                                              lr, args.min_lr))
+            imgs = imgs.to(device, non_blocking=True)
+            with plumbing.autocast(device, precision):
+                loss, _, _ = model(imgs, args.mask_ratio)
+            (loss / args.accum_iter).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+            images_since_log += imgs.shape[0]
+            if (it + 1) % args.accum_iter:
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % args.log_every == 0 or step == total_steps:
+                mean_loss = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # host sync
+                plumbing.check_finite(mean_loss, step, last_path)
+                elapsed = time.time() - t0
+                rate = images_since_log * world_size / elapsed
+                log.write(step=step, epoch=epoch + 1, loss=mean_loss,
+                          lr=optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
+                          images_per_s=rate, skipped_images=skipped)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+                loss_sum.zero_()
+                loss_count, images_since_log, t0 = 0, 0, time.time()
+        if loss_count:  # the epoch's last steps not yet logged must be finite too
+            plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
+                                  last_path)
+        if is_main:
+            ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "step": step, "args": vars(args), "skipped_images": skipped,
+                    "seen_images": seen}
+            plumbing.save_checkpoint(ckpt, last_path)
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,
+                                                            f"checkpoint-{epoch + 1}.pth"))
+            plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, "
+                            f"skipped images {skipped}, saved {last_path}")
+
+    if is_main:
+        imgs = sample_images(args, 8)
+        png = os.path.join(args.out_dir, "reconstruction.png")
+        reconstruction_grid(raw_model, imgs.to(device), args.mask_ratio, png)
+        plumbing.print0(f"wrote {png}")
+    plumbing.cleanup_distributed()
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = fill_defaults(parser.parse_args(argv))
+    validate(args, parser)
+    try:
+        train(args)
+    except (data.DataError, CheckpointError, plumbing.RunError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

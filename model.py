@@ -1,0 +1,405 @@
+"""model.py: the Vision Transformer of nanoMIM, its presets and its checkpoint loader.
+
+Depends on torch alone, so it can be copied into another project as it is.
+
+Conventions (shared with FAIR MAE and timm, so checkpoints move freely):
+  * tokens are [cls, patch_0, ..., patch_{L-1}], patches in row-major order;
+  * state-dict keys: cls_token, pos_embed, patch_embed.proj.*, blocks.{i}.{norm1, attn.qkv,
+    attn.proj, norm2, mlp.fc1, mlp.fc2}.*, norm.* or fc_norm.*, head.*;
+  * block numbers in every public argument are 1-indexed, as in the papers ("block 12" is the
+    last block of ViT-Tiny), while `self.blocks` is an ordinary 0-indexed ModuleList.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Position embedding
+
+
+def sincos_pos_embed(dim, grid_h, grid_w, cls_token=True):
+    """Fixed 2-D sin-cos position embedding in the FAIR MAE convention.
+
+    The first half of the channels encodes the column (x), the second half the row (y); each half
+    is [sin(pos * omega), cos(pos * omega)] with omega_i = 1 / 10000^(i / (dim/4)). Computed in
+    float64 and returned as float32 of shape (1, [1 +] grid_h * grid_w, dim); the cls row is zeros.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                            torch.arange(grid_w, dtype=torch.float64), indexing="ij")  # (H, W)
+
+    def encode(pos):  # (H*W,) -> (H*W, dim/2)
+        angles = pos[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([encode(xs.flatten()), encode(ys.flatten())], dim=1)  # (H*W, dim)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float().unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer pieces
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping conv patch embedding: (B, C, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, imgs):
+        return self.proj(imgs).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with two paths.
+
+    The fast path calls F.scaled_dot_product_attention (flash / memory-efficient kernels).
+    The explicit path also returns the pre-softmax scaled logits q k^T / sqrt(d_head) of shape
+    (B, heads, N, N), which distillation (D-MAE) and the attention analyses need.
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def project_qkv(self, x):
+        """(B, N, D) -> q, k, v, each (B, heads, N, head_dim)."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, hd)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x, return_logits=False):
+        B, N, D = x.shape
+        q, k, v = self.project_qkv(x)  # (B, heads, N, hd)
+        logits = None
+        if return_logits:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N), pre-softmax
+            out = logits.softmax(dim=-1) @ v  # (B, heads, N, hd)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(B, N, D)  # heads back into channels
+        return self.proj(out), logits
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: zero the whole residual branch of a random subset of samples."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path_rate=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x, return_logits=False):
+        attn_out, logits = self.attn(self.norm1(x), return_logits)
+        x = x + drop_path(attn_out, self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return x, logits
+
+
+def init_mae_weights(module):
+    """MAE initialisation: xavier_uniform Linear weights, zero biases, LayerNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)  # qkv is initialised as one (3D x D) matrix, as MAE
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision Transformer
+
+
+def _pair(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class ViT(nn.Module):
+    """Vision Transformer with the FAIR MAE / timm layout and state-dict keys.
+
+    global_pool='token': final `norm`, then the cls token (the MAE encoder uses this layout).
+    global_pool='avg':   mean of the patch tokens, then `fc_norm` (MAE fine-tuning); no `norm`.
+    num_classes=0 gives no head (forward returns the pooled features).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12,
+                 num_heads=12, mlp_ratio=4.0, num_classes=0, global_pool="token",
+                 drop_path_rate=0.0):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        img_h, img_w = _pair(img_size)
+        if img_h % patch_size or img_w % patch_size:
+            raise ValueError(f"image size {img_h}x{img_w} is not divisible by patch {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = (img_h, img_w), patch_size, in_chans
+        self.grid = (img_h // patch_size, img_w // patch_size)  # (rows, columns) of patches
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.global_pool, self.num_classes = global_pool, num_classes
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed (not trained) as in MAE; a Parameter, not a buffer, so the key matches FAIR/timm.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid), requires_grad=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # linear stochastic depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "token" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        init_mae_weights(self)
+        w = self.patch_embed.proj.weight  # the conv seen as a (D, C*p*p) matrix, as MAE
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    # The forward pass in named stages, so MAE and distillation can run it piece by piece.
+
+    def embed(self, imgs):
+        """(B, C, H, W) -> patch tokens plus position, (B, L, D); no cls token yet."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+
+    def prepend_cls(self, x):
+        """(B, L, D) -> (B, 1 + L, D): the cls token (with its position row) in front."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def run_blocks(self, x, depth=None, return_blocks=(), return_attn=()):
+        """Run blocks 1..depth (all by default) on a token sequence x of shape (B, N, D).
+
+        return_blocks / return_attn name 1-indexed blocks whose output (B, N, D) or attention
+        logits (B, heads, N, N) are wanted; blocks past `depth` are never run.
+        Returns (x, {block: output}, {block: logits}); x is the raw output of block `depth`.
+        """
+        depth = self.depth if depth is None else depth
+        if not 0 <= depth <= self.depth:
+            raise ValueError(f"depth {depth} is outside 0..{self.depth}")
+        for b in list(return_blocks) + list(return_attn):
+            if not 1 <= b <= depth:
+                raise ValueError(f"block {b} is outside the blocks run (1..{depth})")
+        block_out, attn_logits = {}, {}
+        for i, block in enumerate(self.blocks[:depth], start=1):
+            x, logits = block(x, return_logits=i in return_attn)
+            if i in return_attn:
+                attn_logits[i] = logits
+            if i in return_blocks:
+                block_out[i] = x
+        return x, block_out, attn_logits
+
+    def forward_features(self, imgs, depth=None, return_blocks=(), return_attn=()):
+        """Images -> (tokens after block `depth`, {block: output}, {block: logits})."""
+        x = self.prepend_cls(self.embed(imgs))  # (B, 1 + L, D)
+        return self.run_blocks(x, depth, return_blocks, return_attn)
+
+    def forward_head(self, x):
+        """(B, 1 + L, D) tokens -> pooled features (B, D) -> logits (B, classes) if a head."""
+        if self.global_pool == "avg":
+            x = self.fc_norm(x[:, 1:].mean(dim=1))  # mean over patch tokens, cls excluded
+        else:
+            x = self.norm(x)[:, 0]  # the cls token
+        return self.head(x)
+
+    def forward(self, imgs):
+        return self.forward_head(self.forward_features(imgs)[0])
+
+
+# (width, depth, heads) of each preset; MAE and the teachers are built from the same table.
+VIT_CONFIGS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=12),
+               "vit_small": dict(embed_dim=384, depth=12, num_heads=12),
+               "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+               "vit_large": dict(embed_dim=1024, depth=24, num_heads=16)}
+
+
+def vit_tiny(**kwargs):
+    """The papers' ViT-Tiny: 192 wide, 12 blocks, 12 heads of width 16 (timm's has 3 heads)."""
+    return ViT(**VIT_CONFIGS["vit_tiny"], **kwargs)
+
+
+def vit_small(**kwargs):
+    return ViT(**VIT_CONFIGS["vit_small"], **kwargs)
+
+
+def vit_base(**kwargs):
+    return ViT(**VIT_CONFIGS["vit_base"], **kwargs)
+
+
+def vit_large(**kwargs):
+    return ViT(**VIT_CONFIGS["vit_large"], **kwargs)
+
+
+PRESETS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
+           "vit_large": vit_large}
+
+
+def build_model(name, **kwargs):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name](**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading checkpoints from anywhere: ours, FAIR MAE, MAE-Lite, timm, DDP / torch.compile wrappers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model asked for (message names the fix)."""
+
+
+# Keys the encoder cannot do without: a checkpoint lacking any of these is not this model.
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
+# Prefixes that select one network out of a multi-network file (MAE-Lite), tried in order.
+SELECT_PREFIXES = ("module.base_encoder.", "module.model.", "model.")
+# Wrappers added by DDP and torch.compile, stripped when every key carries them.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path_or_state_dict):
+    """Open a checkpoint in any of the supported formats and return a plain state dict."""
+    obj = path_or_state_dict
+    if isinstance(obj, str):
+        try:
+            obj = torch.load(obj, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path_or_state_dict} does not exist: check the path")
+        except Exception:
+            # FAIR training checkpoints pickle an argparse.Namespace; say so, then load them.
+            print(f"note: {path_or_state_dict} holds Python objects besides tensors; loading it "
+                  "with weights_only=False (do this only for files you trust)")
+            obj = torch.load(obj, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"expected a dict of tensors, got {type(obj).__name__}")
+    for key in ("model", "model_state", "state_dict"):  # ours & FAIR, Hiera, others
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in SELECT_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
+    return state
+
+
+def resize_pos_embed(pos_embed, grid):
+    """Bicubic resize of a (1, 1 + h*w, D) position embedding to a (rows, cols) grid."""
+    n_patches = pos_embed.shape[1] - 1
+    side = int(round(math.sqrt(n_patches)))
+    if side * side != n_patches:
+        raise CheckpointError(f"cannot resize a position embedding of {n_patches} patches "
+                              "(not a square grid); use the checkpoint's image size")
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return torch.cat([cls, patches.to(pos_embed.dtype)], dim=1)
+
+
+def _is_encoder_key(key):
+    return key.startswith(ENCODER_PREFIXES)
+
+
+def load_pretrained(model, path_or_state_dict, verbose=True):
+    """Load a checkpoint into `model` (a ViT or a module built on one) and report what happened.
+
+    Accepts our checkpoints, FAIR MAE files ({"model": ...}, encoder-only or with the decoder),
+    MAE-Lite files (module.model. / module.base_encoder.), DDP / compile prefixes and plain state
+    dicts. Resizes pos_embed to the model's grid. Keys the model lacks (decoder, heads of another
+    task) are dropped; model keys the file lacks outside the encoder (head, fc_norm, decoder) keep
+    their fresh initialisation. Refuses, with CheckpointError, a file whose encoder keys are
+    missing or of another shape: a silently random backbone is never returned.
+
+    Returns {"loaded": [...], "dropped": [...], "initialised": [...], "resized": [...]}.
+    """
+    state = read_state_dict(path_or_state_dict)
+    own = model.state_dict()
+    name = path_or_state_dict if isinstance(path_or_state_dict, str) else "the state dict"
+    if not any(_is_encoder_key(k) for k in state):
+        sample = ", ".join(sorted(state)[:4]) or "none"
+        raise CheckpointError(f"{name} holds no ViT encoder weights (keys such as {sample}); "
+                              "is it a checkpoint of another architecture?")
+    missing = sorted(k for k in own if _is_encoder_key(k) and k not in state)
+    if missing:
+        raise CheckpointError(f"{name} lacks {len(missing)} encoder keys of this model, e.g. "
+                              f"{', '.join(missing[:3])}: it is a different depth or architecture "
+                              "(pick the matching --model)")
+    report = {"loaded": [], "dropped": [], "initialised": [], "resized": []}
+    to_load = {}
+    for key, value in state.items():
+        if key not in own:
+            if _is_encoder_key(key):  # e.g. blocks.12.* into a 12-block model
+                raise CheckpointError(f"{name} has {key}, which this model does not: it is deeper "
+                                      "or another architecture (pick the matching --model)")
+            report["dropped"].append(key)
+            continue
+        target = own[key]
+        if key == "pos_embed" and value.shape != target.shape and value.shape[-1] == target.shape[-1]:
+            value = resize_pos_embed(value, model.grid)
+            report["resized"].append(key)
+        if value.shape != target.shape:
+            if _is_encoder_key(key) or key.startswith("norm."):
+                raise CheckpointError(
+                    f"{name} has {key} of shape {tuple(value.shape)} but the model expects "
+                    f"{tuple(target.shape)}: it is another width or architecture (pick the "
+                    "matching --model)")
+            report["dropped"].append(key)  # e.g. a 1000-class head into a 10-class model
+            continue
+        to_load[key] = value
+        report["loaded"].append(key)
+    report["initialised"] = sorted(k for k in own if k not in to_load)
+    model.load_state_dict(to_load, strict=False)
+    if verbose:
+        print(format_load_report(name, report))
+    return report
+
+
+def format_load_report(name, report):
+    def show(keys):
+        return ", ".join(keys) if keys else "none"
+
+    return (f"loaded {len(report['loaded'])} tensors from {name}; "
+            f"resized: {show(report['resized'])}; dropped: {show(report['dropped'])}; "
+            f"newly initialised: {show(report['initialised'])}")

@@ -1,0 +1,173 @@
+"""plumbing.py: the run machinery that mae.py and finetune.py share, written once.
+
+Device and precision, torch.compile, DDP under torchrun, seeding, AdamW parameter groups,
+the warmup + cosine schedule, atomic checkpoints and the JSONL log.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+
+import torch
+import torch.distributed as dist
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (diverged loss, incompatible resume); the message names the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes, devices, precision
+
+
+def setup_distributed():
+    """Returns (rank, world_size, device). Uses DDP when launched by torchrun (WORLD_SIZE > 1):
+    NCCL on CUDA, gloo on CPU. The device is autodetected: cuda, then mps, then cpu."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """Print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def resolve_precision(precision, device):
+    """'auto' is bf16 autocast on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise RunError("--precision fp16 needs a CUDA GPU; use bf16 or fp32")
+    return precision
+
+
+def autocast(device, precision):
+    """The forward-pass context for a resolved precision (fp32, bf16 or fp16)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def maybe_compile(model, enabled):
+    """torch.compile the module when asked; callers keep the un-compiled one for saving."""
+    return torch.compile(model) if enabled else model
+
+
+def wrap_ddp(model, device):
+    if not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                   else None)
+
+
+def all_reduce_mean(tensor):
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def seed_everything(seed, epoch=0, rank=0):
+    """Seed torch (CPU and CUDA) and Python from (seed, epoch, rank). Reseeding at every epoch
+    makes a run resumed at an epoch boundary draw the same masks as an uninterrupted one."""
+    value = (seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 63
+    torch.manual_seed(value)
+    random.seed(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def param_groups(model, weight_decay, lr_scale_of=None):
+    """AdamW groups: no weight decay on 1-D parameters (biases, norms) nor on tokens and
+    position embeddings; lr_scale_of(name) -> float sets a per-parameter lr scale (layer decay).
+    Frozen parameters are left out."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(("token", "pos_embed"))
+        scale = lr_scale_of(name) if lr_scale_of else 1.0
+        key = (no_decay, scale)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
+    """Linear warmup from 0 for warmup_steps, then half-cosine decay to min_lr (per step)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def check_finite(loss_value, step, checkpoint_path):
+    if not math.isfinite(loss_value):
+        kept = (f"; {checkpoint_path} still holds the last good checkpoint"
+                if os.path.exists(checkpoint_path) else "")
+        raise RunError(f"loss is {loss_value} at step {step}: training diverged; lower the "
+                       f"learning rate (--blr), lengthen --warmup-epochs or try --precision fp32"
+                       f"{kept}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, fsync, then rename: a crash never corrupts `path`."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint {path} does not exist: check --resume")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class JsonlLog:
+    """Appends one JSON object per line to `path` (rank 0 only)."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

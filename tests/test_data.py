@@ -1,0 +1,117 @@
+"""Datasets, transforms, skipping corrupt images, clear errors on missing data."""
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=4, size=40, corrupt=1):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.jpg", quality=90)
+    for i in range(corrupt):
+        (root / classes[0] / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+
+
+def test_synthetic_is_deterministic_and_labelled():
+    ds = data.SyntheticShapes(30, 32)
+    img_a, label_a = ds[7]
+    img_b, label_b = ds[7]
+    assert img_a.size == (32, 32) and label_a == label_b == 7
+    assert np.array_equal(np.asarray(img_a), np.asarray(img_b))
+    assert not np.array_equal(np.asarray(ds[8][0]), np.asarray(img_a))
+    assert sorted({ds[i][1] for i in range(30)}) == list(range(10))
+    val = data.SyntheticShapes(30, 32, split="val")
+    assert not np.array_equal(np.asarray(val[7][0]), np.asarray(img_a))
+
+
+def test_pretrain_transform_output():
+    ds = data.build_dataset("synthetic", transform=data.pretrain_transform(32), img_size=48)
+    img, label = ds[3]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert -2.2 < img.min() and img.max() < 2.7  # ImageNet-normalised range
+
+
+def test_image_folder_skips_corrupt_file(tmp_path, capsys):
+    write_image_folder(tmp_path / "train")
+    ds = data.build_dataset("imagefolder", str(tmp_path), "train", data.pretrain_transform(32))
+    assert len(ds) == 9
+    loader = data.make_loader(ds, batch_size=3, epoch=0, seed=0, num_workers=0, drop_last=False)
+    shapes, skipped, labels = [], 0, []
+    for imgs, lab, bad in loader:
+        skipped += bad
+        if imgs is not None:
+            shapes.append(imgs.shape[1:])
+            labels += lab.tolist()
+    assert skipped == 1 and len(labels) == 8 and set(labels) == {0, 1}
+    assert all(s == (3, 32, 32) for s in shapes)
+    assert "broken0.jpg" in capsys.readouterr().err
+
+
+def test_too_many_bad_images_stop_the_run():
+    data.check_bad_images(10, 100)  # within the tolerance
+    data.check_bad_images(11, 10_000)  # a small fraction
+    with pytest.raises(data.DataError, match="could not be read"):
+        data.check_bad_images(11, 200)
+
+
+def test_missing_and_empty_data_are_clear(tmp_path):
+    with pytest.raises(data.DataError, match="--data-root"):
+        data.build_dataset("imagefolder", str(tmp_path / "nowhere"), "val")
+    os.makedirs(tmp_path / "empty" / "train")
+    with pytest.raises(data.DataError, match="class folders"):
+        data.build_dataset("imagefolder", str(tmp_path / "empty"), "train")
+    with pytest.raises(data.DataError, match="--download"):
+        data.build_dataset("cifar10", str(tmp_path), "train")
+    with pytest.raises(data.DataError, match="--data-root"):
+        data.build_dataset("cifar10", None, "train")
+
+
+def write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([4, 0, 9]))
+    ds = data.build_dataset("fashion_mnist", str(tmp_path), "val")
+    img, label = ds[2]
+    assert label == 9 and img.shape == (3, 28, 28)  # grayscale replicated to 3 channels
+    assert torch.equal(img[0], img[2])
+    assert torch.allclose(img[0] * 255, torch.tensor(images[2], dtype=torch.float32))
+    with pytest.raises(data.DataError, match="dataset-fashion-mnist"):
+        data.build_dataset("fashion_mnist", str(tmp_path), "train")
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR), reason="Debian dataset not installed")
+def test_fashion_mnist_from_debian_package():
+    ds = data.build_dataset("fashion_mnist", None, "val")
+    assert len(ds) == 10_000 and 0 <= ds[0][1] < 10 and ds[0][0].shape == (3, 28, 28)
+
+
+def test_loader_order_depends_only_on_seed_and_epoch():
+    ds = data.build_dataset("synthetic", transform=data.pretrain_transform(16), synthetic_size=40,
+                            img_size=16)
+
+    def first_batch(epoch, workers):
+        torch.manual_seed(123)  # augmentation RNG of the main process (workers=0)
+        imgs, labels, _ = next(iter(data.make_loader(ds, 8, epoch, 0, num_workers=workers)))
+        return imgs, labels
+
+    a, b = first_batch(1, 0), first_batch(1, 0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c, d = first_batch(1, 2), first_batch(1, 2)  # worker seeds come from (seed, epoch, rank)
+    assert torch.equal(c[0], d[0])
+    assert not torch.equal(first_batch(2, 0)[1], a[1])
