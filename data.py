@@ -35,10 +35,11 @@ class DataError(ValueError):
 # Transforms
 
 
-def pretrain_transform(img_size):
-    """MAE pre-training augmentation: RandomResizedCrop(0.2-1, bicubic), flip, normalise."""
+def pretrain_transform(img_size, min_scale=0.2):
+    """MAE pre-training augmentation: RandomResizedCrop(min_scale-1, bicubic), flip, normalise.
+    FAIR MAE crops with min_scale 0.2; MAE-Lite's published code uses 0.08."""
     return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC,
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC,
                              antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToImage(),

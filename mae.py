@@ -205,6 +205,8 @@ def get_parser():
     p.add_argument("--data-root", default=None, help="dataset folder (imagefolder: the folder "
                    "holding train/<class>/...)")
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
+    p.add_argument("--min-crop-scale", type=float, default=0.2,
+                   help="smallest RandomResizedCrop area (FAIR MAE 0.2; MAE-Lite's code 0.08)")
     p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per GPU per step (default 256; 64 for --data synthetic)")
@@ -265,6 +267,8 @@ def validate(args, parser):
                  "save_every", "log_every", "synthetic_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.min_crop_scale <= 1:
+        parser.error(f"--min-crop-scale {args.min_crop_scale} must be in (0, 1]")
     if not 0 <= args.warmup_epochs <= args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
                      f"{args.epochs}")
@@ -302,7 +306,8 @@ def train(args):
     log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
 
     dataset = data.build_dataset(args.data, args.data_root, "train",
-                                 data.pretrain_transform(args.img_size), args.download,
+                                 data.pretrain_transform(args.img_size, args.min_crop_scale),
+                                 args.download,
                                  args.synthetic_size, args.img_size)
     steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
     if steps_per_epoch < 1:
