@@ -155,10 +155,20 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args")):
+    """Read a training checkpoint of ours for --resume; a clear error if it is not one."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint {path} does not exist: check --resume")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"cannot read {path} ({type(e).__name__}): the file is damaged or not a "
+                       "nanoMIM checkpoint; resume from an earlier checkpoint-<epoch>.pth") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise RunError(f"{path} is not a nanoMIM training checkpoint (no {', '.join(missing)}); "
+                       "--resume continues our own runs only")
+    return ckpt
 
 
 class JsonlLog:

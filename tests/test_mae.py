@@ -181,6 +181,18 @@ def test_bad_data_and_diverged_loss_are_one_line_errors(tmp_path):
     assert "training diverged" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("content, words", [(b"garbage", "damaged"), (None, "not a nanoMIM")])
+def test_resume_from_a_wrong_file_is_refused(tmp_path, capsys, content, words):
+    path = tmp_path / "bad.pth"
+    if content is None:
+        torch.save({"model": {"cls_token": torch.zeros(1, 1, 192)}}, path)  # weights, not a run
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        mae.main(RUN + ["--epochs", "1", "--resume", str(path), "--out-dir", str(tmp_path / "o")])
+    assert words in str(exit_info.value.code)
+
+
 def test_compiled_step_matches_eager():
     import plumbing
     torch.manual_seed(0)
