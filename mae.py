@@ -17,6 +17,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import distill
 import plumbing
 from model import VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, sincos_pos_embed
 
@@ -70,7 +71,8 @@ class MAE(ViT):
     """A ViT encoder (the inherited modules, FAIR key names) plus the lightweight MAE decoder.
 
     recon_layer: the decoder reads the normalised output of this encoder block (1-indexed;
-    default the last). Only the blocks needed are run.
+    default the last; 0 = no reconstruction, for distillation alone). Only the blocks needed
+    are run.
     """
 
     def __init__(self, embed_dim=192, depth=12, num_heads=12, img_size=224, patch_size=16,
@@ -97,15 +99,16 @@ class MAE(ViT):
 
     def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
         """Encode the visible patches. Returns (latent, mask, ids_restore, ids_keep, extras):
-        latent (B, 1 + K, D) is the normalised output of block `recon_layer`, cls first;
-        extras = ({block: output}, {block: attention logits}) for the blocks asked for."""
+        latent (B, 1 + K, D) is the normalised output of block `recon_layer`, cls first (None
+        when recon_layer is 0); extras = ({block: output}, {block: attention logits}) for the
+        blocks asked for (block 0: the input tokens)."""
         x = self.embed(imgs)  # (B, L, D), position added before masking
         x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, noise)
         x = self.prepend_cls(x)  # (B, 1 + K, D)
         depth = max([self.recon_layer, *return_blocks, *return_attn])
         x, block_out, attn_logits = self.run_blocks(x, depth, {self.recon_layer, *return_blocks},
                                                     return_attn)
-        latent = self.norm(block_out[self.recon_layer])
+        latent = self.norm(block_out[self.recon_layer]) if self.recon_layer else None
         return latent, mask, ids_restore, ids_keep, (block_out, attn_logits)
 
     def forward_decoder(self, latent, ids_restore):
@@ -201,6 +204,26 @@ def get_parser():
     p.add_argument("--decoder-heads", type=int, default=3, help="decoder heads (MAE-Tiny: 3)")
     p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
                    help="regress raw (normalised-image) pixels instead of per-patch normalised")
+    g = p.add_argument_group("distillation from a teacher (see distill.py)")
+    g.add_argument("--teacher", default=None,
+                   help="teacher checkpoint (FAIR MAE, MAE-Lite, ours); enables distillation")
+    g.add_argument("--teacher-model", default="vit_base", choices=list(VIT_CONFIGS),
+                   help="teacher architecture")
+    g.add_argument("--distill-target", default="attn", choices=["attn", "rep", "relation"],
+                   help="attention maps (D-MAE), representations, or TinyMIM Q-K/V-V relations")
+    g.add_argument("--distill-on", default="logits", choices=["logits", "probs"],
+                   help="attention target: pre-softmax logits (published) or probabilities")
+    g.add_argument("--distill-layer", default=None,
+                   help="student blocks to distil, 1-indexed, comma-separated (e.g. 12 or 6,12)")
+    g.add_argument("--teacher-layer", default=None,
+                   help="matching teacher blocks (default: same relative depth, 12 -> 24 for "
+                        "vit_large)")
+    g.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distill loss")
+    g.add_argument("--teacher-input", default="visible", choices=["visible", "full"],
+                   help="teacher sees the student's visible patches, or the whole image "
+                        "(TinyMIM; then only the visible tokens are compared)")
+    g.add_argument("--no-recon", action="store_true",
+                   help="no reconstruction loss: distillation alone (same as --recon-layer 0)")
     p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="dataset")
     p.add_argument("--data-root", default=None, help="dataset folder (imagefolder: the folder "
                    "holding train/<class>/...)")
@@ -250,9 +273,22 @@ def fill_defaults(args):
 def validate(args, parser):
     """Every flag checked against the model and the data, with a message that names the fix."""
     depth = VIT_CONFIGS[args.model]["depth"]
-    if args.recon_layer is not None and not 1 <= args.recon_layer <= depth:
+    if args.no_recon:
+        args.recon_layer = 0
+    if args.recon_layer == 0 and args.teacher is None:
+        parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
+    if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
         parser.error(f"--recon-layer {args.recon_layer} is beyond {args.model}'s {depth} blocks "
                      f"(choose 1..{depth})")
+    if args.teacher is None and (args.distill_layer or args.teacher_layer):
+        parser.error("--distill-layer / --teacher-layer need a --teacher checkpoint")
+    if args.teacher is not None:
+        t_depth = VIT_CONFIGS[args.teacher_model]["depth"]
+        args.distill_layer = parse_layers(args.distill_layer or str(depth), "--distill-layer",
+                                          parser)
+        args.teacher_layer = parse_layers(
+            args.teacher_layer or ",".join(str(distill.default_teacher_layer(s, depth, t_depth))
+                                           for s in args.distill_layer), "--teacher-layer", parser)
     if args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
                      f"{args.patch_size}")
@@ -293,35 +329,80 @@ def sample_images(args, count):
     return torch.stack([s[0] for s in samples if s is not None])
 
 
-ARCH_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", "decoder_heads")
+def parse_layers(text, flag, parser):
+    """'6,12' -> [6, 12]."""
+    if isinstance(text, list):  # already parsed (resumed args)
+        return text
+    try:
+        return [int(part) for part in str(text).split(",")]
+    except ValueError:
+        parser.error(f"{flag} {text!r} must be block numbers separated by commas, e.g. 12 or 6,12")
+
+
+ARCH_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", "decoder_heads",
+             "recon_layer", "teacher_model", "distill_target", "distill_layer", "teacher_layer")
+
+
+def build_training_module(args, device):
+    """The module the loop trains: the MAE, or a DistilledMAE (student, frozen teacher and the
+    distillation parts) when --teacher is given. Returns (module, student)."""
+    student = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                        decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+                        decoder_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss,
+                        recon_layer=args.recon_layer)
+    if args.teacher is None:
+        return student.to(device), student
+    teacher = distill.load_teacher(args.teacher, args.teacher_model, args.img_size,
+                                   args.patch_size)
+    module = distill.DistilledMAE(student, teacher, args.distill_layer, args.teacher_layer,
+                                  args.distill_target, args.distill_on, args.distill_weight,
+                                  args.teacher_input)
+    plumbing.print0(f"distilling {args.distill_target} of student blocks {args.distill_layer} "
+                    f"from {args.teacher_model} blocks {args.teacher_layer}; reconstruction from "
+                    f"block {student.recon_layer or 'none'}")
+    return module.to(device), student
+
+
+def step_losses(model, imgs, mask_ratio, distilling):
+    """(total, reconstruction, distillation) losses of one batch."""
+    if distilling:
+        return model(imgs, mask_ratio)
+    loss = model(imgs, mask_ratio)[0]
+    return loss, loss, torch.zeros_like(loss)
+
+
+def checkpoint_state(module, student, optimizer, epoch, step, args, skipped, seen):
+    """A plain dict: `model` holds the student MAE alone (FAIR keys, what fine-tuning loads);
+    `distill` the head maps / extra blocks, needed only to resume pre-training."""
+    state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "step": step, "args": vars(args), "skipped_images": skipped, "seen_images": seen}
+    if module is not student:
+        state["distill"] = module.distiller.state_dict()
+    return state
 
 
 def train(args):
     rank, world_size, device = plumbing.setup_distributed()
-    is_main = rank == 0
+    is_main, distilling = rank == 0, args.teacher is not None
     precision = plumbing.resolve_precision(args.precision, device)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     os.makedirs(args.out_dir, exist_ok=True)
     last_path = os.path.join(args.out_dir, "checkpoint.pth")
     log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
 
+    plumbing.seed_everything(args.seed)
+    module, student = build_training_module(args, device)
     dataset = data.build_dataset(args.data, args.data_root, "train",
                                  data.pretrain_transform(args.img_size, args.min_crop_scale),
-                                 args.download,
-                                 args.synthetic_size, args.img_size)
+                                 args.download, args.synthetic_size, args.img_size)
     steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
     if steps_per_epoch < 1:
         raise data.DataError(f"{len(dataset)} images are fewer than one step needs "
                              f"({args.batch_size * args.accum_iter * world_size}); lower "
                              "--batch-size or --accum-iter")
-    plumbing.seed_everything(args.seed)
-    model = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                      decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
-                      decoder_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss,
-                      recon_layer=args.recon_layer).to(device)
     eff_batch = args.batch_size * args.accum_iter * world_size
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(plumbing.param_groups(model, args.weight_decay), lr=lr,
+    optimizer = torch.optim.AdamW(plumbing.param_groups(module, args.weight_decay), lr=lr,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
     start_epoch, step, skipped, seen = 0, 0, 0, 0
     if args.resume:
@@ -330,21 +411,22 @@ def train(args):
         if changed:
             raise plumbing.RunError(f"--resume {args.resume} was trained with different "
                                     f"{', '.join(changed)}; pass the same flags as that run")
-        model.load_state_dict(ckpt["model"])
+        student.load_state_dict(ckpt["model"])
+        if distilling:
+            module.distiller.load_state_dict(ckpt["distill"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         skipped, seen = ckpt["skipped_images"], ckpt["seen_images"]
         plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
-    raw_model = model
-    model = plumbing.wrap_ddp(plumbing.maybe_compile(model, use_compile), device)
+    model = plumbing.wrap_ddp(plumbing.maybe_compile(module, use_compile), device)
 
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    plumbing.print0(f"{args.model} MAE | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M"
+    plumbing.print0(f"{args.model} MAE | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M"
                     f" params | {args.data}: {len(dataset)} images, {args.img_size}px | device "
                     f"{device}, {precision}, compile {use_compile}, {world_size} process(es) | "
                     f"batch {eff_batch}, lr {lr:.2e}, {total_steps} steps")
-    loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
-    images_since_log = 0
+    loss_sums = torch.zeros(3, device=device)  # total, reconstruction, distillation
+    loss_count, images_since_log, t0 = 0, 0, time.time()
     for epoch in range(start_epoch, args.epochs):
         plumbing.seed_everything(args.seed, epoch, rank)
         loader = data.make_loader(dataset, args.batch_size, epoch, args.seed, rank, world_size,
@@ -354,8 +436,7 @@ def train(args):
         for it, (imgs, _, n_bad) in enumerate(bar):
             if it >= steps_per_epoch * args.accum_iter:
                 break
-            skipped += n_bad
-            seen += args.batch_size
+            skipped, seen = skipped + n_bad, seen + args.batch_size
             data.check_bad_images(skipped, seen)
             if imgs is None:
                 continue
@@ -364,34 +445,31 @@ def train(args):
                                                               lr, args.min_lr))
             imgs = imgs.to(device, non_blocking=True)
             with plumbing.autocast(device, precision):
-                loss, _, _ = model(imgs, args.mask_ratio)
-            (loss / args.accum_iter).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
-            images_since_log += imgs.shape[0]
+                losses = step_losses(model, imgs, args.mask_ratio, distilling)
+            (losses[0] / args.accum_iter).backward()
+            loss_sums += torch.stack([l.detach().float() for l in losses])
+            loss_count, images_since_log = loss_count + 1, images_since_log + imgs.shape[0]
             if (it + 1) % args.accum_iter:
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
-                mean_loss = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # host sync
-                plumbing.check_finite(mean_loss, step, last_path)
-                elapsed = time.time() - t0
-                rate = images_since_log * world_size / elapsed
-                log.write(step=step, epoch=epoch + 1, loss=mean_loss,
+                means = plumbing.all_reduce_mean(loss_sums / loss_count).tolist()  # host sync
+                plumbing.check_finite(means[0], step, last_path)
+                rate = images_since_log * world_size / (time.time() - t0)
+                extra = {"recon_loss": means[1], "distill_loss": means[2]} if distilling else {}
+                log.write(step=step, epoch=epoch + 1, loss=means[0], **extra,
                           lr=optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
                           images_per_s=rate, skipped_images=skipped)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-                loss_sum.zero_()
+                bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{rate:.0f}")
+                loss_sums.zero_()
                 loss_count, images_since_log, t0 = 0, 0, time.time()
         if loss_count:  # the epoch's last steps not yet logged must be finite too
-            plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
-                                  last_path)
+            plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
+                                  step, last_path)
         if is_main:
-            ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": epoch, "step": step, "args": vars(args), "skipped_images": skipped,
-                    "seen_images": seen}
+            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, skipped, seen)
             plumbing.save_checkpoint(ckpt, last_path)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,
@@ -399,10 +477,9 @@ def train(args):
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, "
                             f"skipped images {skipped}, saved {last_path}")
 
-    if is_main:
-        imgs = sample_images(args, 8)
+    if is_main and student.recon_layer:  # no figure when the decoder was not trained
         png = os.path.join(args.out_dir, "reconstruction.png")
-        reconstruction_grid(raw_model, imgs.to(device), args.mask_ratio, png)
+        reconstruction_grid(student, sample_images(args, 8).to(device), args.mask_ratio, png)
         plumbing.print0(f"wrote {png}")
     plumbing.cleanup_distributed()
 
@@ -413,7 +490,7 @@ def main(argv=None):
     validate(args, parser)
     try:
         train(args)
-    except (data.DataError, CheckpointError, plumbing.RunError) as e:
+    except (data.DataError, CheckpointError, distill.DistillError, plumbing.RunError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -205,16 +205,17 @@ class ViT(nn.Module):
         """Run blocks 1..depth (all by default) on a token sequence x of shape (B, N, D).
 
         return_blocks / return_attn name 1-indexed blocks whose output (B, N, D) or attention
-        logits (B, heads, N, N) are wanted; blocks past `depth` are never run.
+        logits (B, heads, N, N) are wanted (block 0 in return_blocks is the input x itself);
+        blocks past `depth` are never run.
         Returns (x, {block: output}, {block: logits}); x is the raw output of block `depth`.
         """
         depth = self.depth if depth is None else depth
         if not 0 <= depth <= self.depth:
             raise ValueError(f"depth {depth} is outside 0..{self.depth}")
         for b in list(return_blocks) + list(return_attn):
-            if not 1 <= b <= depth:
+            if not (0 if b in return_blocks else 1) <= b <= depth:
                 raise ValueError(f"block {b} is outside the blocks run (1..{depth})")
-        block_out, attn_logits = {}, {}
+        block_out, attn_logits = ({0: x} if 0 in return_blocks else {}), {}
         for i, block in enumerate(self.blocks[:depth], start=1):
             x, logits = block(x, return_logits=i in return_attn)
             if i in return_attn:

@@ -1,0 +1,309 @@
+"""distill.py: distillation from a large MAE teacher during pre-training.
+
+Three targets, each a plain function that can be copied alone:
+  attention_distill_loss       D-MAE, Eq. 5 of 003: MSE(A_t, M A_s) on attention logits, with M a
+                               learnable (teacher_heads x student_heads) head mapping;
+  representation_distill_loss  Eq. 6 of 003: MSE(X_t, X_s N) with N a learnable d_s x d_t map;
+  relation_distill_loss        TinyMIM (004) Eq. 4 and 9: KL(teacher || student) of the Q-K and
+                               V-V relations softmax(q k^T / sqrt(d_h)), softmax(v v^T / sqrt(d_h)).
+
+`DistilledMAE` runs one pre-training step: the student MAE on the visible patches, its
+reconstruction loss from block `recon_layer`, and the frozen teacher on the same visible patches
+(or on the whole image) for the distillation loss. The published layouts:
+  D-MAE   --distill-layer 12               attention inside student block 12 vs teacher block 12;
+  D^2-MAE --distill-layer 12 --recon-layer 8
+          the decoder reads block 8; the distilled attention is computed from block 12's output
+          by an extra attention-only block (norm1 + qkv), which trains blocks 9-12 and is dropped
+          from the exported backbone;
+  w/o reconstruction  --no-recon (recon layer 0): distillation alone, inside block L as in
+          D-MAE (so block L's MLP gets no gradient, as in TinyMIM); with
+          --distill-target relation --teacher-input full --mask-ratio 0 it is TinyMIM.
+The extra attention-only block is used exactly when 0 < recon_layer < distill layer.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ViT, build_model, load_pretrained
+
+
+class DistillError(ValueError):
+    """An impossible distillation set-up (the message names the fix)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher
+
+
+def load_teacher(path, model_name, img_size=224, patch_size=16):
+    """A frozen teacher ViT (eval mode, no gradients) built as `model_name` and loaded through
+    model.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours, plain state
+    dicts. Every encoder key and the final norm must be present with the right shape."""
+    teacher = build_model(model_name, img_size=img_size, patch_size=patch_size)
+    report = load_pretrained(teacher, path, verbose=False)
+    if report["initialised"]:  # e.g. no final norm: the teacher would be partly random
+        raise DistillError(f"teacher {path} lacks {', '.join(report['initialised'])} of "
+                           f"{model_name}; pass the teacher's full encoder checkpoint")
+    print(f"teacher {model_name} from {path}: {len(report['loaded'])} tensors loaded, "
+          f"{len(report['dropped'])} pre-training-only tensors dropped")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def default_teacher_layer(student_layer, student_depth, teacher_depth):
+    """The teacher block at the same relative depth: 12 -> 12 for ViT-B, 12 -> 24 for ViT-L."""
+    return max(1, round(student_layer * teacher_depth / student_depth))
+
+
+# ----------------------------------------------------------------------------------------------
+# The three losses
+
+
+def attention_distill_loss(student_logits, teacher_logits, head_map, on="logits"):
+    """Eq. 5 of 003: MSE(A_t, M A_s), mean over all elements.
+
+    student_logits (B, h_s, N, N), teacher_logits (B, h_t, N, N): pre-softmax q k^T / sqrt(d);
+    head_map (h_t, h_s) mixes the student's heads into the teacher's (a 1x1 conv over heads).
+    on="probs" compares softmax probabilities instead of logits.
+    """
+    if on == "probs":
+        student_logits, teacher_logits = student_logits.softmax(-1), teacher_logits.softmax(-1)
+    mapped = torch.einsum("ts,bsnm->btnm", head_map, student_logits.float())  # (B, h_t, N, N)
+    return F.mse_loss(mapped, teacher_logits.float())
+
+
+def representation_distill_loss(student_rep, teacher_rep, rep_map):
+    """Eq. 6 of 003: MSE(X_t, X_s N); student_rep (B, N, d_s), teacher_rep (B, N, d_t),
+    rep_map N (d_s, d_t)."""
+    return F.mse_loss(student_rep.float() @ rep_map, teacher_rep.float())
+
+
+def relation_kl(student_scores, teacher_scores):
+    """KL(teacher || student) of softmax relations, summed over keys, averaged over queries,
+    heads and images. Both inputs (B, h, N, N) are pre-softmax; log-softmax keeps it finite."""
+    log_s = F.log_softmax(student_scores.float(), dim=-1)
+    log_t = F.log_softmax(teacher_scores.float(), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # (B, h, N)
+    return kl.mean()
+
+
+def relation_distill_loss(student_qkv, teacher_qkv):
+    """TinyMIM Eq. 4 and 9: KL of Q-K plus V-V relations. Each qkv is a tuple of (B, h, N, d_h)
+    tensors with the same head count h; the relation scale is 1/sqrt(d_h) of each model."""
+    (q_s, k_s, v_s), (q_t, k_t, v_t) = student_qkv, teacher_qkv
+
+    def relations(q, k, v):
+        scale = q.shape[-1] ** -0.5
+        return q @ k.transpose(-2, -1) * scale, v @ v.transpose(-2, -1) * scale  # (B, h, N, N)
+
+    qk_s, vv_s = relations(q_s, k_s, v_s)
+    qk_t, vv_t = relations(q_t, k_t, v_t)
+    return relation_kl(qk_s, qk_t) + relation_kl(vv_s, vv_t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading features out of a ViT
+
+
+class AttentionOnly(nn.Module):
+    """D^2-MAE's extra block: norm1 + qkv applied to a block's output, only during
+    pre-training. Its attention (or relations) is what gets distilled."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, dim * 3)
+
+
+def split_heads(qkv, heads):
+    """(B, N, 3D) output of a qkv Linear -> q, k, v each (B, heads, N, D / heads)."""
+    B, N, three_d = qkv.shape
+    qkv = qkv.reshape(B, N, 3, heads, three_d // 3 // heads).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def qkv_logits(q, k):
+    return q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, heads, N, N)
+
+
+def layer_representation(vit, block_out, layer):
+    """The normalised representation of layer L: blocks[L].norm1 of block L's output (the
+    next block's input norm), or the final norm after the last block (as MAE-Lite and CKA)."""
+    norm = vit.blocks[layer].norm1 if layer < vit.depth else vit.norm
+    return norm(block_out[layer])
+
+
+# ----------------------------------------------------------------------------------------------
+# The distillation step
+
+
+class DistilledMAE(nn.Module):
+    """Student MAE + frozen teacher + the learnable distillation parts (head maps M,
+    representation maps N, D^2-MAE extra blocks), kept in `self.distiller` (saved with the
+    pre-training checkpoint, never with the exported backbone).
+
+    forward(imgs, mask_ratio) -> (total loss, reconstruction loss, distillation loss).
+    """
+
+    def __init__(self, student, teacher, student_layers, teacher_layers, target="attn",
+                 distill_on="logits", weight=1.0, teacher_input="visible"):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.target, self.distill_on, self.weight = target, distill_on, weight
+        self.teacher_input = teacher_input
+        self.layers = list(zip(student_layers, teacher_layers))
+        validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input)
+        recon = student.recon_layer
+        self.distiller = nn.ModuleDict()
+        h_s, h_t = student.num_heads, teacher.num_heads
+        for s_layer, _ in self.layers:
+            parts = nn.Module()
+            if target == "attn":
+                head_map = torch.empty(h_t, h_s)
+                nn.init.kaiming_uniform_(head_map, a=math.sqrt(5))  # nn.Conv2d's default init
+                parts.head_map = nn.Parameter(head_map)  # M: (teacher_heads, student_heads)
+            if target == "rep":
+                rep_map = torch.empty(teacher.embed_dim, student.embed_dim)
+                nn.init.kaiming_uniform_(rep_map, a=math.sqrt(5))  # nn.Linear's default init
+                parts.rep_map = nn.Parameter(rep_map.t().contiguous())  # N: (d_s, d_t)
+            if target in ("attn", "relation") and 0 < recon < s_layer:
+                parts.extra = AttentionOnly(student.embed_dim)  # D^2-MAE's decoupled layout
+            self.distiller[str(s_layer)] = parts
+        if recon == 0:  # distillation alone: the decoder is not used, so not trained
+            for name, p in student.named_parameters():
+                if name.startswith(("decoder_", "mask_token")):
+                    p.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher is always in eval mode
+        return self
+
+    def student_requests(self):
+        """Which block outputs and attention logits the student must return."""
+        blocks, attn = set(), set()
+        for s_layer, _ in self.layers:
+            if self.target == "rep" or hasattr(self.distiller[str(s_layer)], "extra"):
+                blocks.add(s_layer)  # block L's output
+            elif self.target == "attn":
+                attn.add(s_layer)  # the logits inside block L
+            else:
+                blocks.add(s_layer - 1)  # block L's input, for its q, k, v
+        return blocks, attn
+
+    def teacher_features(self, imgs, ids_keep):
+        """Run the teacher (no grad) on the visible patches in the student's order, or on the
+        whole image and then pick the visible tokens. Returns {teacher_layer: feature}."""
+        teacher = self.teacher
+        tokens = teacher.embed(imgs)  # (B, L, D_t)
+        if self.teacher_input == "visible":
+            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
+        x = teacher.prepend_cls(tokens)  # (B, 1 + K, D_t) or (B, 1 + L, D_t)
+        t_layers = [t for _, t in self.layers]
+        blocks = {t - 1 for t in t_layers} if self.target == "relation" else set(t_layers)
+        attn = set(t_layers) if self.target == "attn" else set()
+        _, block_out, attn_logits = teacher.run_blocks(
+            x, max(t_layers), blocks if self.target != "attn" else (), attn)
+        index = None
+        if self.teacher_input == "full":  # the visible tokens: cls and 1 + ids_keep
+            cls = torch.zeros_like(ids_keep[:, :1])
+            index = torch.cat([cls, ids_keep + 1], dim=1)  # (B, 1 + K)
+        feats = {}
+        for t in t_layers:
+            if self.target == "attn":
+                feats[t] = pick_tokens(attn_logits[t], index, dims=(2, 3))
+            elif self.target == "rep":
+                feats[t] = pick_tokens(layer_representation(teacher, block_out, t), index, (1,))
+            else:
+                block = teacher.blocks[t - 1]
+                qkv = pick_tokens(block.attn.qkv(block.norm1(block_out[t - 1])), index, (1,))
+                feats[t] = split_heads(qkv, teacher.num_heads)
+        return feats
+
+    def student_qkv(self, s_layer, block_out):
+        """(B, N, 3D) qkv projection that student layer L is distilled through: the extra
+        attention-only block on block L's output (D^2-MAE), else block L's own on its input."""
+        extra = getattr(self.distiller[str(s_layer)], "extra", None)
+        if extra is not None:
+            return extra.qkv(extra.norm1(block_out[s_layer]))
+        block = self.student.blocks[s_layer - 1]
+        return block.attn.qkv(block.norm1(block_out[s_layer - 1]))
+
+    def distill_loss(self, block_out, attn_logits, teacher_feats):
+        """Mean over the distilled layers of the chosen target's loss."""
+        total = 0.0
+        for s_layer, t_layer in self.layers:
+            parts, target = self.distiller[str(s_layer)], teacher_feats[t_layer]
+            if self.target == "rep":
+                rep = layer_representation(self.student, block_out, s_layer)
+                loss = representation_distill_loss(rep, target, parts.rep_map)
+            elif self.target == "attn" and s_layer in attn_logits:  # inside block L (D-MAE)
+                loss = attention_distill_loss(attn_logits[s_layer], target, parts.head_map,
+                                              self.distill_on)
+            elif self.target == "attn":  # from the extra block (D^2-MAE)
+                q, k, _ = split_heads(self.student_qkv(s_layer, block_out), self.student.num_heads)
+                loss = attention_distill_loss(qkv_logits(q, k), target, parts.head_map,
+                                              self.distill_on)
+            else:  # relations with the teacher's head count (TinyMIM's head alignment)
+                qkv = split_heads(self.student_qkv(s_layer, block_out), self.teacher.num_heads)
+                loss = relation_distill_loss(qkv, target)
+            total = total + loss
+        return total / len(self.layers)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        student = self.student  # an mae.MAE
+        blocks, attn = self.student_requests()
+        latent, mask, ids_restore, ids_keep, (block_out, attn_logits) = student.forward_encoder(
+            imgs, mask_ratio, noise, return_blocks=blocks, return_attn=attn)
+        recon_loss = torch.zeros((), device=imgs.device)
+        if latent is not None:
+            pred = student.forward_decoder(latent, ids_restore)
+            recon_loss = student.forward_loss(imgs, pred, mask)
+        with torch.no_grad():
+            teacher_feats = self.teacher_features(imgs, ids_keep)
+        distill_loss = self.distill_loss(block_out, attn_logits, teacher_feats)
+        return recon_loss + self.weight * distill_loss, recon_loss, distill_loss
+
+
+def pick_tokens(x, index, dims):
+    """Gather the tokens `index` (B, K') along each of `dims` of x; index None keeps all."""
+    if index is None:
+        return x
+    for dim in dims:
+        shape = list(x.shape)
+        shape[dim] = index.shape[1]
+        view = [index.shape[0]] + [index.shape[1] if d == dim else 1 for d in range(1, x.ndim)]
+        x = torch.gather(x, dim, index.view(view).expand(shape))
+    return x
+
+
+def validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input):
+    """Every distillation flag checked against both models, with a message naming the fix."""
+    if len(student_layers) != len(teacher_layers):
+        raise DistillError(f"--teacher-layer names {len(teacher_layers)} blocks but "
+                           f"--distill-layer {len(student_layers)}; give one teacher block each")
+    for s in student_layers:
+        if not 1 <= s <= student.depth:
+            raise DistillError(f"--distill-layer {s} is beyond the student's {student.depth} "
+                               f"blocks (choose 1..{student.depth})")
+    for t in teacher_layers:
+        if not 1 <= t <= teacher.depth:
+            raise DistillError(f"--teacher-layer {t} is beyond the teacher's {teacher.depth} "
+                               f"blocks (choose 1..{teacher.depth})")
+    deepest = max(student.recon_layer, *student_layers)
+    if deepest < student.depth:
+        raise DistillError(f"blocks {deepest + 1}..{student.depth} would receive no gradient: "
+                           f"reconstruct from or distil block {student.depth}")
+    if teacher.grid != student.grid:
+        raise DistillError(f"teacher patch grid {teacher.grid} differs from the student's "
+                           f"{student.grid}; build the teacher with the same --img-size and patch")
+    if target == "relation" and student.embed_dim % teacher.num_heads:
+        raise DistillError(f"relation distillation splits the student's {student.embed_dim} "
+                           f"channels into the teacher's {teacher.num_heads} heads; they must "
+                           "divide evenly")
+    if teacher_input not in ("visible", "full"):
+        raise DistillError(f"--teacher-input must be 'visible' or 'full', got {teacher_input!r}")
+    if not isinstance(student, ViT) or not isinstance(teacher, ViT):
+        raise DistillError("student and teacher must both be ViTs")
