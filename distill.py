@@ -128,13 +128,6 @@ def qkv_logits(q, k):
     return q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, heads, N, N)
 
 
-def layer_representation(vit, block_out, layer):
-    """The normalised representation of layer L: blocks[L].norm1 of block L's output (the
-    next block's input norm), or the final norm after the last block (as MAE-Lite and CKA)."""
-    norm = vit.blocks[layer].norm1 if layer < vit.depth else vit.norm
-    return norm(block_out[layer])
-
-
 # ----------------------------------------------------------------------------------------------
 # The distillation step
 
@@ -215,7 +208,7 @@ class DistilledMAE(nn.Module):
             if self.target == "attn":
                 feats[t] = pick_tokens(attn_logits[t], index, dims=(2, 3))
             elif self.target == "rep":
-                feats[t] = pick_tokens(layer_representation(teacher, block_out, t), index, (1,))
+                feats[t] = pick_tokens(teacher.layer_representation(block_out, t), index, (1,))
             else:
                 block = teacher.blocks[t - 1]
                 qkv = pick_tokens(block.attn.qkv(block.norm1(block_out[t - 1])), index, (1,))
@@ -237,7 +230,7 @@ class DistilledMAE(nn.Module):
         for s_layer, t_layer in self.layers:
             parts, target = self.distiller[str(s_layer)], teacher_feats[t_layer]
             if self.target == "rep":
-                rep = layer_representation(self.student, block_out, s_layer)
+                rep = self.student.layer_representation(block_out, s_layer)
                 loss = representation_distill_loss(rep, target, parts.rep_map)
             elif self.target == "attn" and s_layer in attn_logits:  # inside block L (D-MAE)
                 loss = attention_distill_loss(attn_logits[s_layer], target, parts.head_map,

@@ -229,6 +229,16 @@ class ViT(nn.Module):
         x = self.prepend_cls(self.embed(imgs))  # (B, 1 + L, D)
         return self.run_blocks(x, depth, return_blocks, return_attn)
 
+    def layer_representation(self, block_out, layer):
+        """The normalised representation of layer L (0..depth) as the papers use it: the input
+        norm of block L+1 applied to block L's output (layer 0: the embedded tokens), and after
+        the last block the final norm (`fc_norm` for an avg-pool model). block_out as returned
+        by run_blocks; returns (B, N, D)."""
+        if layer < self.depth:
+            return self.blocks[layer].norm1(block_out[layer])
+        final_norm = self.norm if self.global_pool == "token" else self.fc_norm
+        return final_norm(block_out[layer])
+
     def forward_head(self, x):
         """(B, 1 + L, D) tokens -> pooled features (B, D) -> logits (B, classes) if a head."""
         if self.global_pool == "avg":

@@ -1,0 +1,396 @@
+"""analyze.py: the papers' two analyses of what pre-training taught a ViT, with figures.
+
+    python analyze.py cka  --a CKPT_A [--b CKPT_B]      # layer-wise CKA heatmap (cka.json/png)
+    python analyze.py attn --ckpt CKPT [CKPT ...]       # attention distance and entropy per head
+
+The metric functions (linear_cka, MinibatchCKA, attention_entropy, attention_distance) depend
+on torch alone and can be copied out; figures are drawn with PIL, no matplotlib.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# ----------------------------------------------------------------------------------------------
+# CKA (Kornblith et al. 2019) with the unbiased HSIC of Nguyen, Raghu & Kornblith (2020)
+
+
+def hsic_unbiased(K, L):
+    """HSIC_1 (Song et al. 2012; Eq. 3 of Nguyen et al. 2020) of two (n, n) Gram matrices:
+    1 / (n (n-3)) * [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2 / (n-2) 1'K~ L~ 1], where K~, L~
+    are K, L with zeroed diagonals. Unbiased, so averages over minibatches converge to the truth."""
+    n = K.shape[0]
+    if n < 4:
+        raise ValueError(f"unbiased HSIC needs at least 4 examples, got {n}")
+    K = K - torch.diag(torch.diagonal(K))
+    L = L - torch.diag(torch.diagonal(L))
+    trace = (K * L).sum()  # tr(K L) for symmetric matrices
+    sums = K.sum() * L.sum() / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * (K.sum(0) @ L.sum(1))  # 1' K L 1
+    return (trace + sums - cross) / (n * (n - 3))
+
+
+def hsic_biased(K, L):
+    """The classic HSIC_0 = tr(K H L H) / (n-1)^2 with H the centring matrix."""
+    n = K.shape[0]
+    H = torch.eye(n, dtype=K.dtype, device=K.device) - 1.0 / n
+    return torch.trace(K @ H @ L @ H) / (n - 1) ** 2
+
+
+def gram_linear(X):
+    """(n, p) features -> (n, n) linear Gram matrix in float64, features centred first
+    (HSIC_1 ignores a constant shift; centring avoids float32 cancellation)."""
+    X = X.reshape(X.shape[0], -1).double()
+    X = X - X.mean(dim=0, keepdim=True)
+    return X @ X.T
+
+
+def linear_cka(X, Y, unbiased=True):
+    """Linear CKA between X (n, p) and Y (n, q): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""
+    hsic = hsic_unbiased if unbiased else hsic_biased
+    K, L = gram_linear(X), gram_linear(Y)
+    return (hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L))).item()
+
+
+class MinibatchCKA:
+    """CKA between every layer of model A and every layer of model B, accumulated over batches:
+    CKA_ij = mean HSIC(K_i, L_j) / sqrt(mean HSIC(K_i, K_i) * mean HSIC(L_j, L_j))."""
+
+    def __init__(self, layers_a, layers_b, unbiased=True):
+        self.hsic = hsic_unbiased if unbiased else hsic_biased
+        self.cross = torch.zeros(layers_a, layers_b, dtype=torch.float64)
+        self.self_a = torch.zeros(layers_a, dtype=torch.float64)
+        self.self_b = torch.zeros(layers_b, dtype=torch.float64)
+        self.batches, self.dropped = 0, 0
+
+    def update(self, feats_a, feats_b):
+        """feats_a / feats_b: lists (one per layer) of (n, ...) features of the same n images."""
+        n = feats_a[0].shape[0]
+        if n < 4:  # HSIC_1 is undefined below 4 examples
+            self.dropped += 1
+            print(f"note: dropped a batch of {n} images (CKA needs at least 4)", file=sys.stderr)
+            return
+        grams_a = [gram_linear(f).cpu() for f in feats_a]
+        grams_b = [gram_linear(f).cpu() for f in feats_b]
+        for i, K in enumerate(grams_a):
+            self.self_a[i] += self.hsic(K, K)
+            for j, L in enumerate(grams_b):
+                self.cross[i, j] += self.hsic(K, L)
+        for j, L in enumerate(grams_b):
+            self.self_b[j] += self.hsic(L, L)
+        self.batches += 1
+
+    def compute(self):
+        """(layers_a, layers_b) CKA matrix (the batch count cancels out of the means)."""
+        if self.batches == 0:
+            raise ValueError("no batch of at least 4 images was seen")
+        return self.cross / torch.sqrt(self.self_a[:, None] * self.self_b[None, :])
+
+
+@torch.no_grad()
+def layer_representations(vit, imgs):
+    """The depth + 1 layer representations of the papers, each (B, L * D): layer i < depth is
+    the normalised input of block i+1, the last is the final norm; the cls token removed."""
+    x = vit.prepend_cls(vit.embed(imgs))
+    _, block_out, _ = vit.run_blocks(x, return_blocks=range(vit.depth + 1))
+    return [vit.layer_representation(block_out, i)[:, 1:].flatten(1) for i in
+            range(vit.depth + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention distance and entropy
+
+
+@torch.no_grad()
+def attention_maps(vit, imgs):
+    """{block: (B, heads, L, L)} attention over patch tokens only: the logits with the cls token
+    removed as query and key, re-softmaxed over the patch keys (as the published analysis)."""
+    _, _, logits = vit.forward_features(imgs, return_attn=range(1, vit.depth + 1))
+    return {b: lg[:, :, 1:, 1:].float().softmax(dim=-1) for b, lg in logits.items()}
+
+
+def attention_entropy(probs):
+    """probs (B, heads, N, N), rows summing to 1 -> (heads,) mean entropy in nats, -sum p log p,
+    averaged over query tokens and images."""
+    return -torch.xlogy(probs, probs).sum(dim=-1).mean(dim=(0, 2))
+
+
+def token_distances(grid_hw, patch_size):
+    """(N, N) Euclidean distance between the centres of patch tokens, in pixels."""
+    rows, cols = grid_hw
+    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()  # (N, 2), row-major
+    return torch.cdist(pos, pos) * patch_size
+
+
+def attention_distance(probs, grid_hw, patch_size):
+    """probs (B, heads, N, N) -> (heads,) mean attention distance sum_j p_ij G_ij in PIXELS
+    (grid distance x patch size), averaged over queries and images. Note: the published analysis
+    code normalises distances by the grid width instead of using pixels; divide ours by
+    patch_size for grid units."""
+    G = token_distances(grid_hw, patch_size).to(probs.device, probs.dtype)  # (N, N)
+    return (probs * G).sum(dim=-1).mean(dim=(0, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (PIL only)
+
+VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75)]
+
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        return ImageFont.load_default()
+
+
+def colormap(value):
+    """A value in [0, 1] -> an RGB colour of (approximately) viridis."""
+    v = min(max(float(value), 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(v), len(VIRIDIS) - 2)
+    t = v - i
+    return tuple(round(a + (b - a) * t) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+
+
+def text_centered(draw, xy, text, fnt, fill=(0, 0, 0)):
+    draw.text(xy, text, font=fnt, fill=fill, anchor="mm")
+
+
+def draw_cka_heatmap(matrix, name_a, name_b, path, cell=32):
+    """CKA heatmap: layers of A up the y axis (origin lower left), layers of B along x, and a
+    colour bar from 0 to 1."""
+    rows, cols = matrix.shape
+    left, top, bottom, bar = 70, 50, 60, 90
+    width, height = left + cols * cell + bar, top + rows * cell + bottom
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    small, big = font(12), font(15)
+    for i in range(rows):
+        y = top + (rows - 1 - i) * cell  # layer 0 at the bottom
+        for j in range(cols):
+            x = left + j * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colormap(matrix[i, j]))
+        text_centered(draw, (left - 12, y + cell / 2), str(i), small)
+    for j in range(cols):
+        text_centered(draw, (left + j * cell + cell / 2, top + rows * cell + 12), str(j), small)
+    text_centered(draw, (left + cols * cell / 2, height - 22), f"layer of {name_b}", big)
+    text_centered(draw, (left + cols * cell / 2, 22), f"CKA: {name_a} vs {name_b}", big)
+    label = Image.new("RGB", (rows * cell, 20), "white")  # the y label, rotated
+    text_centered(ImageDraw.Draw(label), (rows * cell / 2, 10), f"layer of {name_a}", big)
+    img.paste(label.rotate(90, expand=True), (8, top))
+    bar_x, bar_h = left + cols * cell + 25, rows * cell
+    for k in range(bar_h):  # colour bar, 1 at the top
+        draw.line([bar_x, top + k, bar_x + 18, top + k], fill=colormap(1 - k / (bar_h - 1)))
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = top + (1 - v) * (bar_h - 1)
+        draw.line([bar_x + 18, y, bar_x + 22, y], fill="black")
+        draw.text((bar_x + 25, y), f"{v:.2f}", font=small, fill="black", anchor="lm")
+    img.save(path)
+
+
+def draw_boxplots(values, labels, metric, path):
+    """Box-and-whisker plots of per-head values for each layer, one colour per model.
+    values: {label: [per-layer list of per-head floats]}."""
+    layers = max(len(v) for v in values.values())
+    flat = [x for v in values.values() for heads in v for x in heads]
+    lo, hi = min(flat), max(flat)
+    lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+    group, box = 26 * len(labels) + 14, 20
+    left, top, plot_h, bottom = 80, 60, 360, 60
+    width, height = left + layers * group + 30, top + plot_h + bottom
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    small, big = font(12), font(15)
+    to_y = lambda v: top + plot_h * (hi - v) / (hi - lo)  # noqa: E731
+    decimals = max(0, 1 - math.floor(math.log10((hi - lo) / 5)))  # enough to tell ticks apart
+    for k in range(6):  # y grid and ticks
+        v = lo + (hi - lo) * k / 5
+        draw.line([left, to_y(v), width - 30, to_y(v)], fill=(225, 225, 225))
+        draw.text((left - 6, to_y(v)), f"{v:.{decimals}f}", font=small, fill="black", anchor="rm")
+    draw.line([left, top, left, top + plot_h, width - 30, top + plot_h], fill="black")
+    for layer in range(layers):
+        x0 = left + layer * group + 7
+        text_centered(draw, (x0 + group / 2 - 7, top + plot_h + 12), str(layer + 1), small)
+        for m, label in enumerate(labels):
+            if layer >= len(values[label]):
+                continue
+            heads = sorted(values[label][layer])
+            q = lambda f: heads[min(len(heads) - 1, int(round(f * (len(heads) - 1))))]  # noqa
+            x, colour = x0 + m * 26, PALETTE[m % len(PALETTE)]
+            pale = tuple(int(c + (255 - c) * 0.55) for c in colour)
+            draw.line([x + box / 2, to_y(heads[0]), x + box / 2, to_y(heads[-1])], fill=colour,
+                      width=2)  # whiskers: min to max
+            draw.rectangle([x, to_y(q(0.75)), x + box, to_y(q(0.25))], fill=pale, outline=colour,
+                           width=2)
+            draw.line([x, to_y(q(0.5)), x + box, to_y(q(0.5))], fill=colour, width=3)  # median
+    text_centered(draw, (left + layers * group / 2, height - 20), "layer (block)", big)
+    text_centered(draw, (left + layers * group / 2, 20), f"{metric} per head", big)
+    label_img = Image.new("RGB", (plot_h, 20), "white")
+    text_centered(ImageDraw.Draw(label_img), (plot_h / 2, 10), metric, big)
+    img.paste(label_img.rotate(90, expand=True), (8, top))
+    for m, label in enumerate(labels):  # legend, top right
+        y = 38 + 0 * m
+        x = width - 30 - (len(labels) - m) * 130
+        draw.rectangle([x, y - 6, x + 14, y + 6], fill=PALETTE[m % len(PALETTE)])
+        draw.text((x + 20, y), label, font=small, fill="black", anchor="lm")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_model(path, model_name, img_size, patch_size, seed=0):
+    """A ViT for analysis from any supported checkpoint (ours, FAIR MAE, MAE-Lite, timm), or a
+    randomly initialised one when path is None. The pooling (final norm or fc_norm) follows the
+    file, so the last layer is normalised by trained weights."""
+    from model import build_model, load_pretrained, read_state_dict
+
+    state = None if path is None else read_state_dict(path)
+    pool = "avg" if state is not None and "fc_norm.weight" in state and "norm.weight" not in state \
+        else "token"
+    torch.manual_seed(seed)
+    vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool)
+    if state is not None:
+        report = load_pretrained(vit, state, verbose=False)
+        print(f"{path}: {len(report['loaded'])} tensors loaded into {model_name}")
+    return vit.eval()
+
+
+def analysis_loader(args):
+    """The first --num-images validation images, centre-cropped, in a fixed order."""
+    import data
+
+    dataset = data.build_dataset(args.data, args.data_root, "val", data.eval_transform(args.img_size),
+                                 synthetic_size=4 * args.num_images, img_size=args.img_size)
+    subset = torch.utils.data.Subset(dataset, range(min(args.num_images, len(dataset))))
+    return torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=False,
+                                       collate_fn=data.collate_skipping_bad)
+
+
+def run_cka(args, device):
+    name_a = args.names[0] if args.names else os.path.basename(args.a)
+    model_a = load_model(args.a, args.model_a, args.img_size, args.patch_size).to(device)
+    if args.random_init:
+        name_b = args.names[1] if args.names and len(args.names) > 1 else f"random {args.random_init}"
+        model_b = load_model(None, args.random_init, args.img_size, args.patch_size).to(device)
+    elif args.b:
+        name_b = args.names[1] if args.names and len(args.names) > 1 else os.path.basename(args.b)
+        model_b = load_model(args.b, args.model_b or args.model_a, args.img_size,
+                             args.patch_size).to(device)
+    else:
+        name_b, model_b = name_a, model_a
+    cka = MinibatchCKA(model_a.depth + 1, model_b.depth + 1, unbiased=not args.biased)
+    for imgs, _, _ in analysis_loader(args):
+        if imgs is None:
+            continue
+        imgs = imgs.to(device)
+        feats_a = layer_representations(model_a, imgs)
+        feats_b = feats_a if model_b is model_a else layer_representations(model_b, imgs)
+        cka.update(feats_a, feats_b)
+    matrix = cka.compute()
+    result = {"matrix": matrix.tolist(), "a": name_a, "b": name_b,
+              "layers_a": [f"layer {i}" for i in range(model_a.depth + 1)],
+              "layers_b": [f"layer {i}" for i in range(model_b.depth + 1)],
+              "unbiased": not args.biased, "batches": cka.batches, "dropped_batches": cka.dropped}
+    with open(os.path.join(args.out_dir, "cka.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    draw_cka_heatmap(matrix, name_a, name_b, os.path.join(args.out_dir, "cka.png"))
+    print(f"wrote {args.out_dir}/cka.json and cka.png ({cka.batches} batches)")
+
+
+def run_attn(args, device):
+    ckpts = list(args.ckpt or [])
+    models = args.model if len(args.model) > 1 else args.model * len(ckpts)
+    if len(models) != len(ckpts):
+        raise ValueError(f"--model names {len(models)} models for {len(ckpts)} checkpoints")
+    labels = args.labels or [os.path.basename(c) for c in ckpts]
+    if len(labels) != len(ckpts):
+        raise ValueError(f"--labels names {len(labels)} labels for {len(ckpts)} checkpoints")
+    vits = [load_model(c, m, args.img_size, args.patch_size) for c, m in zip(ckpts, models)]
+    if args.random_init:
+        vits.append(load_model(None, args.random_init, args.img_size, args.patch_size))
+        labels.append(f"random {args.random_init}")
+    if not vits:
+        raise ValueError("give --ckpt and/or --random-init")
+    result = {}
+    for label, vit in zip(labels, vits):
+        vit = vit.to(device)
+        sums, count = {}, 0
+        for imgs, _, _ in analysis_loader(args):
+            if imgs is None:
+                continue
+            for block, probs in attention_maps(vit, imgs.to(device)).items():
+                dist = attention_distance(probs, vit.grid, vit.patch_size) * len(imgs)
+                ent = attention_entropy(probs) * len(imgs)
+                prev = sums.get(block, (0, 0))
+                sums[block] = (prev[0] + dist.cpu(), prev[1] + ent.cpu())
+            count += len(imgs)
+        result[label] = {"distance_px": [(sums[b][0] / count).tolist() for b in sorted(sums)],
+                         "entropy_nats": [(sums[b][1] / count).tolist() for b in sorted(sums)]}
+    with open(os.path.join(args.out_dir, "attn.json"), "w") as f:
+        json.dump({"layers": "blocks 1..depth; per block one value per head", **result}, f,
+                  indent=1)
+    draw_boxplots({k: v["distance_px"] for k, v in result.items()}, labels,
+                  "attention distance (pixels)", os.path.join(args.out_dir, "attn_distance.png"))
+    draw_boxplots({k: v["entropy_nats"] for k, v in result.items()}, labels,
+                  "attention entropy (nats)", os.path.join(args.out_dir, "attn_entropy.png"))
+    print(f"wrote {args.out_dir}/attn.json, attn_distance.png and attn_entropy.png")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="CKA and attention analyses (nanoMIM).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", default="synthetic", help="dataset (data.py names); val split")
+    common.add_argument("--data-root", default=None, help="dataset folder")
+    common.add_argument("--num-images", type=int, default=1024, help="images analysed")
+    common.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    common.add_argument("--img-size", type=int, default=224, help="input size in pixels")
+    common.add_argument("--patch-size", type=int, default=16, help="patch size in pixels")
+    common.add_argument("--random-init", default=None, metavar="MODEL",
+                        help="a randomly initialised MODEL as reference (cka: model B; attn: "
+                             "one more model)")
+    common.add_argument("--out-dir", default="out/analysis", help="where JSON and PNGs go")
+    cka = sub.add_parser("cka", parents=[common], help="layer-wise CKA heatmap",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cka.add_argument("--a", required=True, help="checkpoint of model A (y axis)")
+    cka.add_argument("--b", default=None, help="checkpoint of model B (x axis; default: A)")
+    cka.add_argument("--model-a", default="vit_tiny", help="architecture of A")
+    cka.add_argument("--model-b", default=None, help="architecture of B (default: --model-a)")
+    cka.add_argument("--names", nargs="+", default=None, help="names of A and B in the figure")
+    cka.add_argument("--biased", action="store_true", help="classic biased HSIC instead of HSIC_1")
+    attn = sub.add_parser("attn", parents=[common], help="attention distance and entropy",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    attn.add_argument("--ckpt", nargs="+", default=None, help="checkpoints to compare")
+    attn.add_argument("--model", nargs="+", default=["vit_tiny"],
+                      help="architecture, one for all or one per checkpoint")
+    attn.add_argument("--labels", nargs="+", default=None, help="legend labels")
+    return p
+
+
+def main(argv=None):
+    from data import DataError
+    from model import CheckpointError
+
+    args = get_parser().parse_args(argv)
+    if args.num_images < 4 or args.batch_size < 1:
+        sys.exit("error: --num-images must be at least 4 and --batch-size at least 1")
+    os.makedirs(args.out_dir, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        (run_cka if args.command == "cka" else run_attn)(args, device)
+    except (DataError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
