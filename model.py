@@ -112,7 +112,7 @@ def drop_path(x, rate, training):
         return x
     keep = 1.0 - rate
     mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
+    return x * mask / keep if keep > 0 else x * mask  # rate 1 drops every branch, no 0/0
 
 
 class Block(nn.Module):

@@ -180,3 +180,14 @@ def test_timm_oracle_both_directions():
         fresh = ViT(**TINY, num_classes=10, global_pool=pool).eval()
         theirs.load_state_dict(fresh.state_dict(), strict=True)
         torch.testing.assert_close(fresh(imgs), theirs(imgs), atol=1e-5, rtol=1e-4)
+
+
+def test_stochastic_depth_schedule_and_behaviour():
+    model = ViT(**TINY, drop_path_rate=0.2)
+    assert [round(b.drop_path_rate, 6) for b in model.blocks] == [0.0, 0.1, 0.2]  # linear
+    x = torch.randn(64, 5, 64)
+    block = ViT(**TINY, drop_path_rate=1.0).blocks[2]  # rate 1: the residual branches vanish
+    block.train()
+    assert torch.equal(block(x)[0], x)
+    block.eval()  # no stochastic depth at evaluation
+    assert not torch.equal(block(x)[0], x)
