@@ -418,7 +418,8 @@ def train(args):
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         skipped, seen = ckpt["skipped_images"], ckpt["seen_images"]
         plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
-    model = plumbing.wrap_ddp(plumbing.maybe_compile(module, use_compile), device)
+    partial = student.recon_layer < student.depth  # some trainable weights may get no gradient
+    model = plumbing.wrap_ddp(plumbing.maybe_compile(module, use_compile), device, partial)
 
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     plumbing.print0(f"{args.model} MAE | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M"

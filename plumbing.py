@@ -72,13 +72,15 @@ def maybe_compile(model, enabled):
     return torch.compile(model) if enabled else model
 
 
-def wrap_ddp(model, device):
+def wrap_ddp(model, device, find_unused=False):
+    """DDP under torchrun; find_unused for layouts where some trainable parameters get no
+    gradient in a step (blocks after the reconstruction layer, a distilled block's MLP)."""
     if not dist.is_initialized():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                   else None)
+                                   else None, find_unused_parameters=find_unused)
 
 
 def all_reduce_mean(tensor):

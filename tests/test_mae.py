@@ -211,10 +211,12 @@ def test_compiled_step_matches_eager():
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
 
 
-def test_ddp_under_torchrun_on_cpu(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--recon-layer", "8"]])  # all blocks used / not
+def test_ddp_under_torchrun_on_cpu(tmp_path, flags):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "mae.py", *RUN, "--synthetic-size", "64", "--epochs", "1", "--out-dir", str(tmp_path)],
+         "mae.py", *RUN, "--synthetic-size", "64", "--epochs", "1", "--out-dir", str(tmp_path),
+         *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stdout and "batch 16" in result.stdout
