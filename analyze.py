@@ -235,9 +235,8 @@ def draw_boxplots(values, labels, metric, path):
     label_img = Image.new("RGB", (plot_h, 20), "white")
     text_centered(ImageDraw.Draw(label_img), (plot_h / 2, 10), metric, big)
     img.paste(label_img.rotate(90, expand=True), (8, top))
-    for m, label in enumerate(labels):  # legend, top right
-        y = 38 + 0 * m
-        x = width - 30 - (len(labels) - m) * 130
+    for m, label in enumerate(labels):  # legend, one row at the top right
+        y, x = 38, width - 30 - (len(labels) - m) * 130
         draw.rectangle([x, y - 6, x + 14, y + 6], fill=PALETTE[m % len(PALETTE)])
         draw.text((x + 20, y), label, font=small, fill="black", anchor="lm")
     img.save(path)

@@ -274,6 +274,8 @@ def pick_tokens(x, index, dims):
 
 def validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input):
     """Every distillation flag checked against both models, with a message naming the fix."""
+    if not isinstance(student, ViT) or not isinstance(teacher, ViT):
+        raise DistillError("student and teacher must both be ViTs")
     if len(student_layers) != len(teacher_layers):
         raise DistillError(f"--teacher-layer names {len(teacher_layers)} blocks but "
                            f"--distill-layer {len(student_layers)}; give one teacher block each")
@@ -298,5 +300,3 @@ def validate_layout(student, teacher, student_layers, teacher_layers, target, te
                            "divide evenly")
     if teacher_input not in ("visible", "full"):
         raise DistillError(f"--teacher-input must be 'visible' or 'full', got {teacher_input!r}")
-    if not isinstance(student, ViT) or not isinstance(teacher, ViT):
-        raise DistillError("student and teacher must both be ViTs")

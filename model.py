@@ -313,7 +313,11 @@ def read_state_dict(path_or_state_dict):
             # FAIR training checkpoints pickle an argparse.Namespace; say so, then load them.
             print(f"note: {path_or_state_dict} holds Python objects besides tensors; loading it "
                   "with weights_only=False (do this only for files you trust)")
-            obj = torch.load(obj, map_location="cpu", weights_only=False)
+            try:
+                obj = torch.load(obj, map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path_or_state_dict} ({type(e).__name__}): "
+                                      "the file is damaged or not a PyTorch checkpoint") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"expected a dict of tensors, got {type(obj).__name__}")
     for key in ("model", "model_state", "state_dict"):  # ours & FAIR, Hiera, others

@@ -151,9 +151,12 @@ def test_wrong_architecture_is_refused(bad, words):
         load_pretrained(ViT(**TINY), bad, verbose=False)
 
 
-def test_missing_file_is_a_clear_error(tmp_path):
+def test_missing_or_damaged_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_pretrained(ViT(**TINY), str(tmp_path / "nope.pth"), verbose=False)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_pretrained(ViT(**TINY), str(tmp_path / "broken.pth"), verbose=False)
 
 
 def test_pos_embed_is_resized_to_the_grid(tmp_path):
