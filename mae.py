@@ -461,7 +461,7 @@ def train(args):
                 rate = images_since_log * world_size / (time.time() - t0)
                 extra = {"recon_loss": means[1], "distill_loss": means[2]} if distilling else {}
                 log.write(step=step, epoch=epoch + 1, loss=means[0], **extra,
-                          lr=optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
+                          lr=plumbing.current_lr(optimizer),
                           images_per_s=rate, skipped_images=skipped)
                 bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{rate:.0f}")
                 loss_sums.zero_()

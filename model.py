@@ -58,15 +58,39 @@ class PatchEmbed(nn.Module):
         return self.proj(imgs).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
 
 
+def relative_position_index(grid_h, grid_w):
+    """BEiT's index into a relative-position table for [cls, patches] of a (grid_h, grid_w) grid.
+
+    Patch pairs (i, j) index the (2H-1)(2W-1) offsets (dy, dx) = pos(i) - pos(j); the last three
+    entries are cls-to-token (cls as query), token-to-cls and cls-to-cls. Returns (N, N) int64
+    with N = 1 + H*W.
+    """
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, H*W)
+    offsets = coords[:, :, None] - coords[:, None, :]  # (2, HW, HW): query minus key
+    patch_index = (offsets[0] + grid_h - 1) * (2 * grid_w - 1) + (offsets[1] + grid_w - 1)
+    num_offsets = (2 * grid_h - 1) * (2 * grid_w - 1)
+    index = torch.zeros(1 + grid_h * grid_w, 1 + grid_h * grid_w, dtype=torch.long)
+    index[1:, 1:] = patch_index
+    index[0, :] = num_offsets  # cls attends to tokens
+    index[:, 0] = num_offsets + 1  # tokens attend to cls
+    index[0, 0] = num_offsets + 2  # cls to cls
+    return index
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with two paths.
 
     The fast path calls F.scaled_dot_product_attention (flash / memory-efficient kernels).
     The explicit path also returns the pre-softmax scaled logits q k^T / sqrt(d_head) of shape
     (B, heads, N, N), which distillation (D-MAE) and the attention analyses need.
+
+    rel_pos_grid=(H, W) adds a learned relative position bias (BEiT / SimMIM, used by the papers
+    for fine-tuning): a zero-initialised table of (2H-1)(2W-1)+3 entries per head, added to the
+    logits on both paths, for the full sequence [cls, H*W patches] only.
     """
 
-    def __init__(self, dim, num_heads, qkv_bias=True):
+    def __init__(self, dim, num_heads, qkv_bias=True, rel_pos_grid=None):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -75,6 +99,14 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = None
+        if rel_pos_grid is not None:
+            h, w = rel_pos_grid
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * h - 1) * (2 * w - 1) + 3, num_heads))
+            # Derived from the grid, so not saved: state dicts hold the table alone.
+            self.register_buffer("relative_position_index", relative_position_index(h, w),
+                                 persistent=False)
 
     def project_qkv(self, x):
         """(B, N, D) -> q, k, v, each (B, heads, N, head_dim)."""
@@ -82,15 +114,29 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, hd)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
+    def rel_pos_bias(self, num_tokens):
+        """(heads, N, N) bias from the table, or None without relative positions."""
+        if self.relative_position_bias_table is None:
+            return None
+        index = self.relative_position_index
+        if num_tokens != index.shape[0]:
+            raise ValueError(f"relative position bias is defined for {index.shape[0]} tokens "
+                             f"(cls + full grid), got {num_tokens}: it works on unmasked images")
+        return self.relative_position_bias_table[index].permute(2, 0, 1)  # (N, N, h) -> (h, N, N)
+
     def forward(self, x, return_logits=False):
         B, N, D = x.shape
         q, k, v = self.project_qkv(x)  # (B, heads, N, hd)
+        bias = self.rel_pos_bias(N)
         logits = None
         if return_logits:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N), pre-softmax
+            if bias is not None:
+                logits = logits + bias
             out = logits.softmax(dim=-1) @ v  # (B, heads, N, hd)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            mask = None if bias is None else bias.to(q.dtype).unsqueeze(0)  # additive float mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(B, N, D)  # heads back into channels
         return self.proj(out), logits
 
@@ -118,10 +164,10 @@ def drop_path(x, rate, training):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path_rate=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path_rate=0.0, rel_pos_grid=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, rel_pos_grid=rel_pos_grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path_rate = drop_path_rate
@@ -159,11 +205,12 @@ class ViT(nn.Module):
     global_pool='token': final `norm`, then the cls token (the MAE encoder uses this layout).
     global_pool='avg':   mean of the patch tokens, then `fc_norm` (MAE fine-tuning); no `norm`.
     num_classes=0 gives no head (forward returns the pooled features).
+    rel_pos=True adds a relative position bias to every block (fine-tuning; see Attention).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12,
                  num_heads=12, mlp_ratio=4.0, num_classes=0, global_pool="token",
-                 drop_path_rate=0.0):
+                 drop_path_rate=0.0, rel_pos=False):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -173,14 +220,15 @@ class ViT(nn.Module):
         self.img_size, self.patch_size, self.in_chans = (img_h, img_w), patch_size, in_chans
         self.grid = (img_h // patch_size, img_w // patch_size)  # (rows, columns) of patches
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
-        self.global_pool, self.num_classes = global_pool, num_classes
+        self.global_pool, self.num_classes, self.rel_pos = global_pool, num_classes, rel_pos
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed (not trained) as in MAE; a Parameter, not a buffer, so the key matches FAIR/timm.
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid), requires_grad=False)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # linear stochastic depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        grid = self.grid if rel_pos else None
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r, grid) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "token" else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -353,6 +401,9 @@ def resize_pos_embed(pos_embed, grid):
     return torch.cat([cls, patches.to(pos_embed.dtype)], dim=1)
 
 
+REL_POS_KEY = "relative_position_bias_table"  # optional: zero-initialised when a file lacks it
+
+
 def _is_encoder_key(key):
     return key.startswith(ENCODER_PREFIXES)
 
@@ -376,7 +427,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
         sample = ", ".join(sorted(state)[:4]) or "none"
         raise CheckpointError(f"{name} holds no ViT encoder weights (keys such as {sample}); "
                               "is it a checkpoint of another architecture?")
-    missing = sorted(k for k in own if _is_encoder_key(k) and k not in state)
+    missing = sorted(k for k in own if _is_encoder_key(k) and k not in state
+                     and not k.endswith(REL_POS_KEY))
     if missing:
         raise CheckpointError(f"{name} lacks {len(missing)} encoder keys of this model, e.g. "
                               f"{', '.join(missing[:3])}: it is a different depth or architecture "
@@ -385,6 +437,9 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
     to_load = {}
     for key, value in state.items():
         if key not in own:
+            if key.endswith(REL_POS_KEY):
+                raise CheckpointError(f"{name} has relative position tables ({key}): build the "
+                                      "model with them (finetune.py --rel-pos)")
             if _is_encoder_key(key):  # e.g. blocks.12.* into a 12-block model
                 raise CheckpointError(f"{name} has {key}, which this model does not: it is deeper "
                                       "or another architecture (pick the matching --model)")
@@ -395,6 +450,10 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
             value = resize_pos_embed(value, model.grid)
             report["resized"].append(key)
         if value.shape != target.shape:
+            if key.endswith(REL_POS_KEY):
+                raise CheckpointError(f"{name} has {key} for another grid ({tuple(value.shape)}"
+                                      f" vs {tuple(target.shape)}): use the image and patch size "
+                                      "it was fine-tuned with")
             if _is_encoder_key(key) or key.startswith("norm."):
                 raise CheckpointError(
                     f"{name} has {key} of shape {tuple(value.shape)} but the model expects "

@@ -44,9 +44,13 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def print0(*args, **kwargs):
     """Print on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_process():
         print(*args, **kwargs, flush=True)
 
 
@@ -132,6 +136,12 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def current_lr(optimizer):
+    """The schedule's lr (a group's lr divided by its layer-decay scale)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def check_finite(loss_value, step, checkpoint_path):

@@ -194,3 +194,38 @@ def test_stochastic_depth_schedule_and_behaviour():
     assert torch.equal(block(x)[0], x)
     block.eval()  # no stochastic depth at evaluation
     assert not torch.equal(block(x)[0], x)
+
+
+def test_relative_position_index_matches_beit():
+    timm_beit = pytest.importorskip("timm.models.beit")
+    from model import relative_position_index
+    for grid in ((2, 3), (4, 4)):
+        assert torch.equal(relative_position_index(*grid),
+                           timm_beit.gen_relative_position_index(grid))
+
+
+def test_zero_rel_pos_tables_change_nothing_and_load_from_plain_files():
+    torch.manual_seed(0)
+    plain = ViT(**TINY).eval()
+    rel = ViT(**TINY, rel_pos=True).eval()
+    report = load_pretrained(rel, plain.state_dict(), verbose=False)  # a file without tables
+    assert all(f"blocks.{i}.attn.relative_position_bias_table" in report["initialised"]
+               for i in range(3))
+    imgs = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rel(imgs), plain(imgs))
+    torch.testing.assert_close(rel.forward_features(imgs, return_attn=(1,))[0],
+                               plain.forward_features(imgs, return_attn=(1,))[0])
+    # A non-zero table moves the logits on both paths, by the same amount.
+    for block in rel.blocks:
+        block.attn.relative_position_bias_table.data.normal_()
+    fast = rel.forward_features(imgs)[0]
+    slow, _, logits = rel.forward_features(imgs, return_attn=(2,))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast, plain.forward_features(imgs)[0], atol=1e-3)
+    attn = rel.blocks[1].attn
+    q, k, _ = attn.project_qkv(rel.blocks[1].norm1(rel.forward_features(imgs, depth=1)[0]))
+    bias = attn.relative_position_bias_table[attn.relative_position_index].permute(2, 0, 1)
+    torch.testing.assert_close(logits[2], q @ k.transpose(-2, -1) * attn.scale + bias)
+    # Tables go back into a plain model only with a clear error.
+    with pytest.raises(CheckpointError, match="--rel-pos"):
+        load_pretrained(ViT(**TINY), rel.state_dict(), verbose=False)

@@ -1,0 +1,581 @@
+"""finetune.py: fine-tuning, transfer, linear probing and the reserved-blocks study.
+
+    python finetune.py --init out/mae/checkpoint.pth                 # demo: synthetic, CPU ok
+    python finetune.py --init mae_tiny.pth --data imagefolder --data-root /imagenet   # impr
+    python finetune.py --init ckpt.pth --recipe transfer --data flowers102 --data-root ~/data \
+        --lr 0.01,0.03,0.1                                          # one run per lr, a table
+    python finetune.py --init ckpt.pth --recipe linprobe ...        # frozen backbone
+    python finetune.py --init out/ft/best.pth --eval                # evaluate only
+    python finetune.py --init out/ft/best.pth --export vit_tiny_timm.pth   # plain state dict
+
+--init takes our pre-training or fine-tuning checkpoints, FAIR MAE, MAE-Lite and timm files (the
+loader in model.py reports what it loaded, dropped and initialised), or nothing (from scratch).
+A recipe is a set of defaults (RECIPES below); every flag overrides its entry.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.v2 as v2
+from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
+
+import data
+import plumbing
+from model import (PRESETS, VIT_CONFIGS, CheckpointError, build_model, init_mae_weights,
+                   load_pretrained, read_state_dict)
+
+# The papers' recipes. Batch sizes are per process; lr = blr * (batch * accum * GPUs) / 256, so
+# the published batch (1024 for impr/mae) is e.g. --batch-size 256 on 4 GPUs or --accum-iter 4.
+RECIPES = {
+    # 000 Tab. A1 / 003 Tab. S1: the improved ViT-Tiny recipe. Colour jitter 0.3 is listed, but
+    # timm's transform (which the papers' code calls) skips it when RandAugment is on; so do we.
+    "impr": dict(opt="adamw", blr=1e-3, weight_decay=0.05, layer_decay=0.85, epochs=300,
+                 warmup_epochs=5, min_lr=1e-6, batch_size=256, rand_aug=10, rand_aug_std=0.5,
+                 color_jitter=0.3, mixup=0.2, cutmix=0.0, smoothing=0.0, drop_path=0.0,
+                 reprob=0.0, global_pool="avg"),
+    # FAIR MAE's fine-tuning defaults (main_finetune.py with its ViT-B command line).
+    "mae": dict(opt="adamw", blr=5e-4, weight_decay=0.05, layer_decay=0.65, epochs=100,
+                warmup_epochs=5, min_lr=1e-6, batch_size=128, rand_aug=9, rand_aug_std=0.5,
+                color_jitter=0.0, mixup=0.8, cutmix=1.0, smoothing=0.1, drop_path=0.1,
+                reprob=0.25, global_pool="avg"),
+    # 000 Tab. A3 / 003 Tab. S2: small datasets. SGD, absolute lr swept (--lr 0.01,0.03,0.1),
+    # epochs and warmup per dataset from the table (e.g. Flowers 150/30, Cars 50/10).
+    "transfer": dict(opt="sgd", lr="0.01,0.03,0.1", weight_decay=0.0, layer_decay=1.0,
+                     epochs=100, warmup_epochs=20, min_lr=0.0, batch_size=512, rand_aug=0,
+                     rand_aug_std=0.0, color_jitter=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
+                     drop_path=0.0, reprob=0.0, global_pool="avg"),
+    # FAIR MAE's linear probing: frozen backbone, BatchNorm1d(affine=False) + Linear, LARS.
+    "linprobe": dict(opt="lars", blr=0.1, weight_decay=0.0, layer_decay=1.0, epochs=90,
+                     warmup_epochs=10, min_lr=0.0, batch_size=1024, rand_aug=0, rand_aug_std=0.0,
+                     color_jitter=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0,
+                     reprob=0.0, global_pool="token"),
+}
+# Smaller settings when --data synthetic (the CPU demo and the tests).
+SYNTHETIC = dict(img_size=32, patch_size=4, batch_size=64, epochs=10, warmup_epochs=1)
+# Flags a --resume must share with the run it continues.
+ARCH_ARGS = ("model", "img_size", "patch_size", "global_pool", "rel_pos", "recipe", "data")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model surgery: heads, reserved blocks, layer-wise lr decay
+
+
+def layer_id(name, depth):
+    """MAE/BEiT layer of a parameter: patch embedding, cls token, position embedding are layer 0,
+    block i (0-indexed) is layer i + 1, everything after the blocks is layer depth + 1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_scale(name, depth, decay):
+    """lr scale decay^(depth + 1 - layer): the head trains at the full lr, the stem the least."""
+    return decay ** (depth + 1 - layer_id(name, depth))
+
+
+def reinit_blocks(model, keep):
+    """Keep blocks 1..keep (1-indexed) as loaded and re-initialise the rest as a fresh model."""
+    for block in model.blocks[keep:]:
+        init_mae_weights(block)
+        if block.attn.relative_position_bias_table is not None:
+            nn.init.zeros_(block.attn.relative_position_bias_table)
+
+
+def build_classifier(args, num_classes):
+    """The ViT to train. linprobe: the head is BatchNorm1d(affine=False) + Linear and nothing
+    else trains (FAIR MAE). Fine-tuning trains the position embedding too, as FAIR's fine-tuning
+    (where it is an ordinary timm parameter)."""
+    model = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                        num_classes=num_classes, global_pool=args.global_pool,
+                        drop_path_rate=args.drop_path, rel_pos=args.rel_pos)
+    if args.recipe == "linprobe":
+        model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6),
+                                   model.head)
+    return model
+
+
+def init_head(model, linprobe):
+    """MAE: trunc-normal head, std 2e-5 for fine-tuning, 0.01 for linear probing; zero bias."""
+    linear = model.head[1] if linprobe else model.head
+    nn.init.trunc_normal_(linear.weight, std=0.01 if linprobe else 2e-5)
+    nn.init.zeros_(linear.bias)
+
+
+def freeze_backbone(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("head."))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: augmentation, mixup / cutmix, evaluation
+
+
+class RandAugmentStd(v2.RandAugment):
+    """RandAugment on timm's magnitude scale (0..10, 10 the strongest op), the magnitude drawn per
+    image from N(magnitude, std) and clipped, as timm's rand-m10-mstd0.5."""
+
+    def __init__(self, magnitude, std):
+        super().__init__(num_ops=2, magnitude=int(magnitude), num_magnitude_bins=11,
+                         interpolation=InterpolationMode.BILINEAR)
+        self.mean, self.std = magnitude, std
+
+    def forward(self, *inputs):
+        m = self.mean + self.std * torch.randn(()).item() if self.std > 0 else self.mean
+        self.magnitude = int(round(min(10.0, max(0.0, m))))
+        return super().forward(*inputs)
+
+
+def train_transform(args):
+    """RandomResizedCrop (min_crop_scale-1, bicubic) + flip, then RandAugment or colour jitter, normalise,
+    random erasing (timm's per-pixel noise)."""
+    steps = [v2.RandomResizedCrop(args.img_size, scale=(args.min_crop_scale, 1.0),
+                                  interpolation=InterpolationMode.BICUBIC, antialias=True),
+             v2.RandomHorizontalFlip()]
+    if args.rand_aug > 0:
+        steps.append(RandAugmentStd(args.rand_aug, args.rand_aug_std))
+    elif args.color_jitter > 0:
+        steps.append(v2.ColorJitter(*(3 * [args.color_jitter])))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+              v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+    if args.reprob > 0:
+        steps.append(T.RandomErasing(p=args.reprob, value="random"))
+    return v2.Compose(steps)
+
+
+def build_mixing(args, num_classes):
+    """Batch-level MixUp / CutMix (torchvision v2), switched with probability 0.5 when both are
+    on, as timm; returns None when both are off. Targets become class probabilities."""
+    mixers = []
+    if args.mixup > 0:
+        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
+    if args.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+    return (v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0]) if mixers else None
+
+
+def limit(dataset, max_images):
+    """At most max_images samples, evenly spaced over the dataset (classes stay balanced)."""
+    if max_images is None or max_images >= len(dataset):
+        return dataset
+    step = len(dataset) / max_images
+    return torch.utils.data.Subset(dataset, [int(i * step) for i in range(max_images)])
+
+
+def num_classes_of(args, dataset):
+    raw = getattr(dataset, "dataset", dataset).raw  # under a Subset or not
+    return len(raw.classes) if hasattr(raw, "classes") and args.data == "imagefolder" \
+        else data.NUM_CLASSES[args.data]
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision):
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes."""
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, images
+    for imgs, labels, _ in loader:
+        if imgs is None:
+            continue
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with plumbing.autocast(device, precision):
+            logits = model(imgs).float()  # (B, classes)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+        hit = top == labels[:, None]
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                             torch.tensor(float(len(labels)), device=device, dtype=torch.float64)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    loss, top1, top5, n = sums.tolist()
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1),
+            "val_loss": loss / max(n, 1), "images": int(n)}
+
+
+# ----------------------------------------------------------------------------------------------
+# LARS, for linear probing (FAIR MAE's optimizer there)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose update of each matrix is scaled by the trust ratio
+    eta * ||w|| / ||g + wd * w||; 1-D parameters (biases) get plain SGD, as FAIR's LARS."""
+
+    def __init__(self, params, lr=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=g["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(update)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0),
+                                        g["trust_coefficient"] * w_norm / u_norm, 1.0)
+                    update = update * trust
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(update)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def build_optimizer(args, model, lr, device):
+    decay = (lambda name: layer_decay_scale(name, model.depth, args.layer_decay)) \
+        if args.layer_decay != 1.0 else None
+    groups = plumbing.param_groups(model, args.weight_decay, decay)
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return LARS(groups, lr=lr, weight_decay=args.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Fine-tune, transfer or linearly probe a ViT.")
+    p.add_argument("--init", default=None,
+                   help="checkpoint to start from (ours, FAIR MAE, MAE-Lite, timm); none: scratch")
+    p.add_argument("--recipe", default="impr", choices=sorted(RECIPES),
+                   help="set of defaults: impr (papers), mae (FAIR), transfer, linprobe")
+    p.add_argument("--model", default=None, choices=sorted(PRESETS),
+                   help="architecture (default: the --init checkpoint's, else vit_tiny)")
+    p.add_argument("--img-size", type=int, default=None, help="default 224 (synthetic: 32)")
+    p.add_argument("--patch-size", type=int, default=None, help="default 16 (synthetic: 4)")
+    p.add_argument("--global-pool", default=None, choices=["avg", "token"],
+                   help="classifier input: mean of patch tokens or the cls token")
+    p.add_argument("--rel-pos", action="store_true", help="relative position bias in each block")
+    p.add_argument("--keep-blocks", type=int, default=None,
+                   help="keep the first k loaded blocks, re-initialise the rest")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=data.DATASETS)
+    g.add_argument("--data-root", default=None, help="folder that holds the dataset")
+    g.add_argument("--download", action="store_true", help="let torchvision download the data")
+    g.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
+    g.add_argument("--max-images", type=int, default=None,
+                   help="use at most this many images of each split (quick experiments)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data-loading processes per GPU (default: min(8, CPU cores))")
+    g = p.add_argument_group("optimisation (defaults from --recipe)")
+    g.add_argument("--opt", default=None, choices=["adamw", "sgd", "lars"])
+    g.add_argument("--batch-size", type=int, default=None, help="images per GPU per step")
+    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--warmup-epochs", type=int, default=None)
+    g.add_argument("--blr", type=float, default=None, help="base lr: lr = blr * batch / 256")
+    g.add_argument("--lr", default=None,
+                   help="absolute lr, or a comma list (one run each, then a table)")
+    g.add_argument("--min-lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise lr decay (impr 0.85; 0.75 for contrastive checkpoints)")
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    g = p.add_argument_group("augmentation (defaults from --recipe)")
+    g.add_argument("--min-crop-scale", type=float, default=0.08,
+                   help="smallest RandomResizedCrop area (all recipes: 0.08)")
+    g.add_argument("--rand-aug", type=float, default=None,
+                   help="RandAugment magnitude on timm's 0-10 scale (0: off)")
+    g.add_argument("--rand-aug-std", type=float, default=None, help="std of that magnitude")
+    g.add_argument("--color-jitter", type=float, default=None,
+                   help="colour jitter strength (applied only when RandAugment is off, as timm)")
+    g.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
+    g.add_argument("--smoothing", type=float, default=None, help="label smoothing")
+    g.add_argument("--reprob", type=float, default=None, help="random erasing probability")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval", action="store_true", help="evaluate --init and exit")
+    g.add_argument("--export", default=None, metavar="PATH",
+                   help="write --init as a plain state dict for timm's VisionTransformer, exit")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    g.add_argument("--out-dir", default="out/finetune", help="checkpoints and log.jsonl")
+    g.add_argument("--resume", default=None, help="continue a run from its checkpoint.pth")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also keep checkpoint-<epoch>.pth every this many epochs (0: never)")
+    g.add_argument("--log-every", type=int, default=20, help="log every this many steps")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def checkpoint_args(path):
+    """The `args` dict stored in one of our checkpoints, {} for any other file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return {}
+    return ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+
+
+def fill_defaults(args):
+    """Unset flags come from: the --init checkpoint (architecture; for --eval/--export also the
+    head layout), then the synthetic demo sizes, then the recipe."""
+    source = checkpoint_args(args.init) if args.init and os.path.isfile(args.init) else {}
+    inherit = ["model", "patch_size", "img_size"]
+    if (args.eval or args.export) and "recipe" in source:  # one of our fine-tuned files
+        inherit += ["global_pool"]
+        args.recipe = source["recipe"]
+        args.rel_pos = args.rel_pos or source.get("rel_pos", False)
+    for name in inherit:
+        if getattr(args, name) is None and source.get(name) is not None:
+            setattr(args, name, source[name])
+    args.model = args.model or "vit_tiny"
+    small = args.data == "synthetic"
+    for name, value in dict(img_size=224, patch_size=16).items():
+        if getattr(args, name) is None:
+            setattr(args, name, SYNTHETIC[name] if small else value)
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, SYNTHETIC[name] if small and name in SYNTHETIC else value)
+    if args.blr is None:
+        args.blr = 1e-3
+    if args.num_workers is None:
+        args.num_workers = min(8, os.cpu_count() or 1)
+    return args
+
+
+def validate(args, parser):
+    try:
+        args.lrs = [None] if args.lr is None else [float(x) for x in str(args.lr).split(",")]
+    except ValueError:
+        parser.error(f"--lr {args.lr!r} must be a number or numbers separated by commas")
+    depth = VIT_CONFIGS[args.model]["depth"]
+    if args.keep_blocks is not None:
+        if args.init is None:
+            parser.error("--keep-blocks needs --init (blocks to keep)")
+        if not 0 <= args.keep_blocks <= depth:
+            parser.error(f"--keep-blocks {args.keep_blocks} must be within 0..{depth} "
+                         f"({args.model} has {depth} blocks)")
+    if (args.eval or args.export) and args.init is None:
+        parser.error("--eval / --export need --init (the checkpoint to evaluate or export)")
+    if len(args.lrs) > 1 and args.resume:
+        parser.error("--resume continues one run; give a single --lr")
+    if args.img_size % args.patch_size:
+        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
+                     f"{args.patch_size}")
+    for name in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
+                     f"{args.epochs}")
+    if not 0 < args.layer_decay <= 1:
+        parser.error(f"--layer-decay {args.layer_decay} must be in (0, 1]")
+    if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
+        parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def prepare_model(args, num_classes, device):
+    """Build, load --init (report printed), re-initialise the head and the dropped blocks."""
+    model = build_classifier(args, num_classes)
+    linprobe = args.recipe == "linprobe"
+    if args.init:
+        load_pretrained(model, args.init, verbose=plumbing.is_main_process())
+        if args.keep_blocks is not None:
+            reinit_blocks(model, args.keep_blocks)
+            plumbing.print0(f"kept blocks 1..{args.keep_blocks}, re-initialised "
+                            f"{args.keep_blocks + 1}..{model.depth}")
+    if not (args.eval or args.export or args.resume):
+        init_head(model, linprobe)
+    if linprobe:
+        freeze_backbone(model)
+    else:
+        model.pos_embed.requires_grad_(True)
+    return model.to(device)
+
+
+def export(args):
+    """A plain state dict with timm's VisionTransformer keys (same shape, same logits)."""
+    model = prepare_model(args, checkpoint_num_classes(args.init), torch.device("cpu"))
+    if args.rel_pos or args.recipe == "linprobe":
+        raise CheckpointError("timm's VisionTransformer has no relative position bias nor "
+                              "BatchNorm head: export a fine-tuned model without --rel-pos")
+    plumbing.save_checkpoint(model.state_dict(), args.export)
+    cfg = VIT_CONFIGS[args.model]
+    print(f"wrote {args.export}; load it with timm.models.vision_transformer.VisionTransformer("
+          f"img_size={args.img_size}, patch_size={args.patch_size}, "
+          f"embed_dim={cfg['embed_dim']}, depth={cfg['depth']}, num_heads={cfg['num_heads']}, "
+          f"num_classes={model.num_classes}, global_pool='{args.global_pool}')"
+          ".load_state_dict(torch.load(path))")
+
+
+def checkpoint_num_classes(path):
+    head = {k: v for k, v in read_state_dict(path).items()
+            if k in ("head.weight", "head.1.weight")}
+    if not head:
+        raise CheckpointError(f"{path} has no classifier head: export a fine-tuned checkpoint")
+    return next(iter(head.values())).shape[0]
+
+
+def train(args):
+    """One fine-tuning run (or --eval). Returns the final evaluation plus the best top-1."""
+    rank, world_size, device = plumbing.setup_distributed()
+    is_main = rank == 0
+    precision = plumbing.resolve_precision(args.precision, device)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    plumbing.seed_everything(args.seed)
+    val_set = data.build_dataset(args.data, args.data_root, "val",
+                                 data.eval_transform(args.img_size), args.download,
+                                 args.synthetic_size, args.img_size)
+    num_classes = num_classes_of(args, val_set)
+    val_set = limit(val_set, args.max_images)
+    module = prepare_model(args, num_classes, device)
+    compiled = plumbing.maybe_compile(module, use_compile)
+    val_loader = data.make_loader(val_set, args.batch_size, 0, args.seed, rank, world_size,
+                                  args.num_workers, shuffle=False, drop_last=False,
+                                  pin_memory=device.type == "cuda")
+    if args.eval:
+        result = evaluate(compiled, val_loader, device, precision)
+        plumbing.print0(f"{args.init}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%"
+                        f" on {result['images']} {args.data} validation images")
+        return result
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    last_path, best_path = (os.path.join(args.out_dir, n) for n in ("checkpoint.pth", "best.pth"))
+    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
+    train_set = limit(data.build_dataset(args.data, args.data_root, "train",
+                                         train_transform(args), args.download,
+                                         args.synthetic_size, args.img_size), args.max_images)
+    steps_per_epoch = len(train_set) // world_size // args.batch_size // args.accum_iter
+    if steps_per_epoch < 1:
+        raise data.DataError(f"{len(train_set)} images are fewer than one step needs; lower "
+                             "--batch-size or --accum-iter")
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = build_optimizer(args, module, lr, device)
+    mixing = build_mixing(args, num_classes)
+    start_epoch, step, best, skipped, seen = 0, 0, {"top1": -1.0}, 0, 0
+    if args.resume:
+        ckpt = plumbing.load_checkpoint(args.resume)
+        changed = [a for a in ARCH_ARGS if ckpt["args"].get(a) != getattr(args, a)]
+        if changed:
+            raise plumbing.RunError(f"--resume {args.resume} was trained with different "
+                                    f"{', '.join(changed)}; pass the same flags as that run")
+        module.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+        skipped, seen = ckpt["skipped_images"], ckpt["seen_images"]
+        plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    model = plumbing.wrap_ddp(compiled, device)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    plumbing.print0(f"{args.model} {args.recipe} | {trainable / 1e6:.2f}M trainable params | "
+                    f"{args.data}: {len(train_set)} train / {len(val_set)} val, {num_classes} "
+                    f"classes, {args.img_size}px | {device}, {precision}, compile {use_compile}, "
+                    f"{world_size} process(es) | batch {eff_batch}, {args.opt} lr {lr:.2e}")
+    if args.rand_aug > 0 and args.color_jitter > 0:
+        plumbing.print0("note: colour jitter is off while RandAugment is on (timm's behaviour)")
+
+    loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
+    result = best
+    for epoch in range(start_epoch, args.epochs):
+        plumbing.seed_everything(args.seed, epoch, rank)
+        model.train()
+        loader = data.make_loader(train_set, args.batch_size, epoch, args.seed, rank, world_size,
+                                  args.num_workers, pin_memory=device.type == "cuda")
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+                   total=steps_per_epoch * args.accum_iter, leave=False)
+        for it, (imgs, labels, n_bad) in enumerate(bar):
+            if it >= steps_per_epoch * args.accum_iter:
+                break
+            skipped, seen = skipped + n_bad, seen + args.batch_size
+            data.check_bad_images(skipped, seen)
+            if imgs is None:
+                continue
+            if it % args.accum_iter == 0:
+                plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
+                                                              lr, args.min_lr))
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            targets = labels
+            if mixing is not None:
+                imgs, targets = mixing(imgs, labels)  # targets: (B, classes) probabilities
+            with plumbing.autocast(device, precision):
+                logits = model(imgs)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
+            (loss / args.accum_iter).backward()
+            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            if (it + 1) % args.accum_iter:
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % args.log_every == 0 or step == total_steps:
+                mean = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # host sync
+                plumbing.check_finite(mean, step, last_path)
+                log.write(step=step, epoch=epoch + 1, loss=mean, lr=plumbing.current_lr(optimizer),
+                          images_per_s=loss_count * args.batch_size * world_size
+                          / (time.time() - t0))
+                bar.set_postfix(loss=f"{mean:.4f}")
+                loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
+        if loss_count:
+            plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
+                                  last_path)
+        result = evaluate(compiled, val_loader, device, precision)
+        is_best = result["top1"] > best["top1"]
+        if is_best:
+            best = dict(result, epoch=epoch + 1)
+        log.write(epoch=epoch + 1, step=step, **result, best_top1=best["top1"])
+        plumbing.print0(f"epoch {epoch + 1}/{args.epochs}: top-1 {result['top1']:.2f}%, top-5 "
+                        f"{result['top5']:.2f}%, best {best['top1']:.2f}% (epoch {best['epoch']})")
+        if is_main:
+            state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "step": step, "args": vars(args), "best": best,
+                     "metrics": result, "skipped_images": skipped, "seen_images": seen}
+            plumbing.save_checkpoint(state, last_path)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                plumbing.save_checkpoint(state, os.path.join(args.out_dir,
+                                                             f"checkpoint-{epoch + 1}.pth"))
+            if is_best:
+                plumbing.save_checkpoint({k: v for k, v in state.items() if k != "optimizer"},
+                                         best_path)
+    return dict(result, best_top1=best["top1"])
+
+
+def sweep(args):
+    """Run train() once per --lr, each in its own folder; print the table of results."""
+    rows = []
+    for lr in args.lrs:
+        run = copy.copy(args)
+        run.lr = lr
+        if len(args.lrs) > 1:
+            run.out_dir = os.path.join(args.out_dir, f"lr{lr:g}")
+        rows.append((lr, train(run)))
+    if len(rows) > 1:
+        plumbing.print0(f"\n{'lr':>8} | {'best top-1':>10} | {'last top-1':>10} | {'last top-5':>10}")
+        for lr, r in rows:
+            plumbing.print0(f"{lr:>8g} | {r['best_top1']:>10.2f} | {r['top1']:>10.2f} | "
+                            f"{r['top5']:>10.2f}")
+    return rows
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = fill_defaults(parser.parse_args(argv))
+    validate(args, parser)
+    try:
+        if args.export:
+            return export(args)
+        return sweep(args)
+    except (data.DataError, CheckpointError, plumbing.RunError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        plumbing.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
