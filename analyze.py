@@ -91,10 +91,26 @@ class MinibatchCKA:
         return self.cross / torch.sqrt(self.self_a[:, None] * self.self_b[None, :])
 
 
+def layer_names(model):
+    """ViT: layers 0..depth (block inputs, then the final norm). Hiera: the embedded tokens and
+    the output of each stage (its width and token count change at every stage)."""
+    if hasattr(model, "stage_ends"):
+        return ["embed"] + [f"stage {i + 1}" for i in range(len(model.stage_ends))]
+    return [f"layer {i}" for i in range(model.depth + 1)]
+
+
 @torch.no_grad()
 def layer_representations(vit, imgs):
     """The depth + 1 layer representations of the papers, each (B, L * D): layer i < depth is
-    the normalised input of block i+1, the last is the final norm; the cls token removed."""
+    the normalised input of block i+1, the last is the final norm; the cls token removed.
+    For a Hiera: the embedding and the stage outputs (the last through the final norm), each
+    flattened in Hiera's token order (linear CKA does not depend on the feature order)."""
+    if hasattr(vit, "stage_ends"):
+        blocks = [0, *vit.stage_ends]
+        _, out, _ = vit.forward_features(imgs, return_blocks=blocks)
+        reps = [out[b] for b in blocks]
+        reps[-1] = vit.norm(reps[-1])
+        return [r.flatten(1) for r in reps]
     x = vit.prepend_cls(vit.embed(imgs))
     _, block_out, _ = vit.run_blocks(x, return_blocks=range(vit.depth + 1))
     return [vit.layer_representation(block_out, i)[:, 1:].flatten(1) for i in
@@ -105,12 +121,34 @@ def layer_representations(vit, imgs):
 # Attention distance and entropy
 
 
+def global_blocks(hiera):
+    """Hiera blocks whose attention is one map over all tokens (global, no query pooling)."""
+    return [i for i, b in enumerate(hiera.blocks, start=1)
+            if not b.attn.use_mask_unit_attn and b.attn.q_stride == 1]
+
+
 @torch.no_grad()
 def attention_maps(vit, imgs):
     """{block: (B, heads, L, L)} attention over patch tokens only: the logits with the cls token
-    removed as query and key, re-softmaxed over the patch keys (as the published analysis)."""
+    removed as query and key, re-softmaxed over the patch keys (as the published analysis).
+    For a Hiera: its global-attention blocks only (mask-unit and pooling blocks are skipped)."""
+    if hasattr(vit, "stage_ends"):
+        _, _, logits = vit.forward_features(imgs, return_attn=global_blocks(vit))
+        return {b: lg[:, :, 0].float().softmax(dim=-1) for b, lg in logits.items()}  # 1 window
     _, _, logits = vit.forward_features(imgs, return_attn=range(1, vit.depth + 1))
     return {b: lg[:, :, 1:, 1:].float().softmax(dim=-1) for b, lg in logits.items()}
+
+
+def block_geometry(model, block):
+    """(grid (rows, cols), pixels per token, token order or None) of a block's tokens: a Hiera
+    block's tokens are in unrolled order on a grid pooled by its q-poolings so far."""
+    if not hasattr(model, "stage_ends"):
+        return model.grid, model.patch_size, None
+    from model import unroll_order
+
+    pools = model.pools_before(block)
+    grid = (model.grid[0] // 2 ** pools, model.grid[1] // 2 ** pools)
+    return grid, 4 * 2 ** pools, unroll_order(grid, model.unroll_steps - pools)
 
 
 def attention_entropy(probs):
@@ -127,12 +165,16 @@ def token_distances(grid_hw, patch_size):
     return torch.cdist(pos, pos) * patch_size
 
 
-def attention_distance(probs, grid_hw, patch_size):
+def attention_distance(probs, grid_hw, patch_size, order=None):
     """probs (B, heads, N, N) -> (heads,) mean attention distance sum_j p_ij G_ij in PIXELS
     (grid distance x patch size), averaged over queries and images. Note: the published analysis
     code normalises distances by the grid width instead of using pixels; divide ours by
-    patch_size for grid units."""
-    G = token_distances(grid_hw, patch_size).to(probs.device, probs.dtype)  # (N, N)
+    patch_size for grid units. order: raster index of each token when they are not in raster
+    order (Hiera)."""
+    G = token_distances(grid_hw, patch_size)  # (N, N)
+    if order is not None:
+        G = G[order][:, order]
+    G = G.to(probs.device, probs.dtype)
     return (probs * G).sum(dim=-1).mean(dim=(0, 2))
 
 
@@ -195,9 +237,9 @@ def draw_cka_heatmap(matrix, name_a, name_b, path, cell=32):
     img.save(path)
 
 
-def draw_boxplots(values, labels, metric, path):
+def draw_boxplots(values, labels, metric, path, blocks=None):
     """Box-and-whisker plots of per-head values for each layer, one colour per model.
-    values: {label: [per-layer list of per-head floats]}."""
+    values: {label: [per-layer list of per-head floats]}; blocks: the x tick labels (1..n)."""
     layers = max(len(v) for v in values.values())
     flat = [x for v in values.values() for heads in v for x in heads]
     lo, hi = min(flat), max(flat)
@@ -217,7 +259,7 @@ def draw_boxplots(values, labels, metric, path):
     draw.line([left, top, left, top + plot_h, width - 30, top + plot_h], fill="black")
     for layer in range(layers):
         x0 = left + layer * group + 7
-        text_centered(draw, (x0 + group / 2 - 7, top + plot_h + 12), str(layer + 1), small)
+        text_centered(draw, (x0 + group / 2 - 7, top + plot_h + 12), str(blocks[layer] if blocks else layer + 1), small)
         for m, label in enumerate(labels):
             if layer >= len(values[label]):
                 continue
@@ -256,7 +298,10 @@ def load_model(path, model_name, img_size, patch_size, seed=0):
     pool = "avg" if state is not None and "fc_norm.weight" in state and "norm.weight" not in state \
         else "token"
     torch.manual_seed(seed)
-    vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool)
+    if model_name.startswith("hiera"):
+        vit = build_model(model_name, img_size=img_size, num_classes=0)
+    else:
+        vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool)
     if state is not None:
         report = load_pretrained(vit, state, verbose=False)
         print(f"{path}: {len(report['loaded'])} tensors loaded into {model_name}")
@@ -286,7 +331,8 @@ def run_cka(args, device):
                              args.patch_size).to(device)
     else:
         name_b, model_b = name_a, model_a
-    cka = MinibatchCKA(model_a.depth + 1, model_b.depth + 1, unbiased=not args.biased)
+    names_a, names_b = layer_names(model_a), layer_names(model_b)
+    cka = MinibatchCKA(len(names_a), len(names_b), unbiased=not args.biased)
     for imgs, _, _ in analysis_loader(args):
         if imgs is None:
             continue
@@ -296,8 +342,7 @@ def run_cka(args, device):
         cka.update(feats_a, feats_b)
     matrix = cka.compute()
     result = {"matrix": matrix.tolist(), "a": name_a, "b": name_b,
-              "layers_a": [f"layer {i}" for i in range(model_a.depth + 1)],
-              "layers_b": [f"layer {i}" for i in range(model_b.depth + 1)],
+              "layers_a": names_a, "layers_b": names_b,
               "unbiased": not args.biased, "batches": cka.batches, "dropped_batches": cka.dropped}
     with open(os.path.join(args.out_dir, "cka.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -322,25 +367,31 @@ def run_attn(args, device):
     result = {}
     for label, vit in zip(labels, vits):
         vit = vit.to(device)
+        if hasattr(vit, "stage_ends"):
+            kept = global_blocks(vit)
+            print(f"{label}: Hiera global-attention blocks {kept} analysed; mask-unit and "
+                  f"pooling blocks {[b for b in range(1, vit.depth + 1) if b not in kept]} skipped")
         sums, count = {}, 0
         for imgs, _, _ in analysis_loader(args):
             if imgs is None:
                 continue
             for block, probs in attention_maps(vit, imgs.to(device)).items():
-                dist = attention_distance(probs, vit.grid, vit.patch_size) * len(imgs)
+                dist = attention_distance(probs, *block_geometry(vit, block)) * len(imgs)
                 ent = attention_entropy(probs) * len(imgs)
                 prev = sums.get(block, (0, 0))
                 sums[block] = (prev[0] + dist.cpu(), prev[1] + ent.cpu())
             count += len(imgs)
-        result[label] = {"distance_px": [(sums[b][0] / count).tolist() for b in sorted(sums)],
+        result[label] = {"blocks": sorted(sums), "distance_px": [(sums[b][0] / count).tolist() for b in sorted(sums)],
                          "entropy_nats": [(sums[b][1] / count).tolist() for b in sorted(sums)]}
     with open(os.path.join(args.out_dir, "attn.json"), "w") as f:
         json.dump({"layers": "blocks 1..depth; per block one value per head", **result}, f,
                   indent=1)
     draw_boxplots({k: v["distance_px"] for k, v in result.items()}, labels,
-                  "attention distance (pixels)", os.path.join(args.out_dir, "attn_distance.png"))
+                  "attention distance (pixels)", os.path.join(args.out_dir, "attn_distance.png"),
+                  result[labels[0]]["blocks"])
     draw_boxplots({k: v["entropy_nats"] for k, v in result.items()}, labels,
-                  "attention entropy (nats)", os.path.join(args.out_dir, "attn_entropy.png"))
+                  "attention entropy (nats)", os.path.join(args.out_dir, "attn_entropy.png"),
+                  result[labels[0]]["blocks"])
     print(f"wrote {args.out_dir}/attn.json, attn_distance.png and attn_entropy.png")
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import plumbing
-from model import (PRESETS, VIT_CONFIGS, CheckpointError, build_model, init_mae_weights,
+from model import (HIERA_CONFIGS, PRESETS, VIT_CONFIGS, CheckpointError, build_model,
                    load_pretrained, read_state_dict)
 
 # The papers' recipes. Batch sizes are per process; lr = blr * (batch * accum * GPUs) / 256, so
@@ -82,30 +82,33 @@ def layer_decay_scale(name, depth, decay):
     return decay ** (depth + 1 - layer_id(name, depth))
 
 
-def reinit_blocks(model, keep):
-    """Keep blocks 1..keep (1-indexed) as loaded and re-initialise the rest as a fresh model."""
-    for block in model.blocks[keep:]:
-        init_mae_weights(block)
-        if block.attn.relative_position_bias_table is not None:
-            nn.init.zeros_(block.attn.relative_position_bias_table)
+def reinit_blocks(model, fresh, keep):
+    """Keep blocks 1..keep (1-indexed) as loaded; the rest take the weights of `fresh`, a newly
+    built model of the same shape (so they are initialised exactly as training from scratch)."""
+    for block, new in zip(model.blocks[keep:], fresh.blocks[keep:]):
+        block.load_state_dict(new.state_dict())
 
 
 def build_classifier(args, num_classes):
-    """The ViT to train. linprobe: the head is BatchNorm1d(affine=False) + Linear and nothing
-    else trains (FAIR MAE). Fine-tuning trains the position embedding too, as FAIR's fine-tuning
-    (where it is an ordinary timm parameter)."""
-    model = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                        num_classes=num_classes, global_pool=args.global_pool,
-                        drop_path_rate=args.drop_path, rel_pos=args.rel_pos)
+    """The ViT or Hiera to train. linprobe: the head is BatchNorm1d(affine=False) + Linear and
+    nothing else trains (FAIR MAE). Fine-tuning trains the ViT's position embedding too, as
+    FAIR's fine-tuning (where it is an ordinary timm parameter)."""
+    if args.model in HIERA_CONFIGS:  # mean-pooled, no cls token, no relative positions
+        model = build_model(args.model, img_size=args.img_size, num_classes=num_classes,
+                            drop_path_rate=args.drop_path)
+    else:
+        model = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                            num_classes=num_classes, global_pool=args.global_pool,
+                            drop_path_rate=args.drop_path, rel_pos=args.rel_pos)
     if args.recipe == "linprobe":
-        model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6),
-                                   model.head)
+        model.head = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
+                                   nn.Linear(model.num_features, num_classes))
     return model
 
 
 def init_head(model, linprobe):
     """MAE: trunc-normal head, std 2e-5 for fine-tuning, 0.01 for linear probing; zero bias."""
-    linear = model.head[1] if linprobe else model.head
+    linear = model.head[1] if linprobe else getattr(model.head, "projection", model.head)
     nn.init.trunc_normal_(linear.weight, std=0.01 if linprobe else 2e-5)
     nn.init.zeros_(linear.bias)
 
@@ -250,7 +253,7 @@ def get_parser():
                    help="checkpoint to start from (ours, FAIR MAE, MAE-Lite, timm); none: scratch")
     p.add_argument("--recipe", default="impr", choices=sorted(RECIPES),
                    help="set of defaults: impr (papers), mae (FAIR), transfer, linprobe")
-    p.add_argument("--model", default=None, choices=sorted(PRESETS),
+    p.add_argument("--model", default=None, choices=sorted(PRESETS) + sorted(HIERA_CONFIGS),
                    help="architecture (default: the --init checkpoint's, else vit_tiny)")
     p.add_argument("--img-size", type=int, default=None, help="default 224 (synthetic: 32)")
     p.add_argument("--patch-size", type=int, default=None, help="default 16 (synthetic: 4)")
@@ -335,6 +338,10 @@ def fill_defaults(args):
     for name, value in dict(img_size=224, patch_size=16).items():
         if getattr(args, name) is None:
             setattr(args, name, SYNTHETIC[name] if small else value)
+    if small and args.model in HIERA_CONFIGS and args.img_size == SYNTHETIC["img_size"]:
+        args.img_size = 64  # Hiera needs multiples of 32 px and more than one mask unit
+    if args.model in HIERA_CONFIGS and args.global_pool is None:
+        args.global_pool = "avg"  # Hiera's only pooling, whatever the recipe
     for name, value in RECIPES[args.recipe].items():
         if getattr(args, name, None) is None:
             setattr(args, name, SYNTHETIC[name] if small and name in SYNTHETIC else value)
@@ -346,11 +353,17 @@ def fill_defaults(args):
 
 
 def validate(args, parser):
+    hiera = args.model in HIERA_CONFIGS
+    if hiera and (args.rel_pos or args.global_pool == "token"):
+        parser.error("Hiera mean-pools its tokens and has no relative position bias: drop "
+                     "--rel-pos / --global-pool token")
+    if hiera and args.img_size % 32:
+        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera")
     try:
         args.lrs = [None] if args.lr is None else [float(x) for x in str(args.lr).split(",")]
     except ValueError:
         parser.error(f"--lr {args.lr!r} must be a number or numbers separated by commas")
-    depth = VIT_CONFIGS[args.model]["depth"]
+    depth = sum(HIERA_CONFIGS[args.model]["stages"]) if hiera else VIT_CONFIGS[args.model]["depth"]
     if args.keep_blocks is not None:
         if args.init is None:
             parser.error("--keep-blocks needs --init (blocks to keep)")
@@ -361,7 +374,7 @@ def validate(args, parser):
         parser.error("--eval / --export need --init (the checkpoint to evaluate or export)")
     if len(args.lrs) > 1 and args.resume:
         parser.error("--resume continues one run; give a single --lr")
-    if args.img_size % args.patch_size:
+    if not hiera and args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
                      f"{args.patch_size}")
     for name in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_size"):
@@ -385,9 +398,11 @@ def prepare_model(args, num_classes, device):
     model = build_classifier(args, num_classes)
     linprobe = args.recipe == "linprobe"
     if args.init:
+        if args.keep_blocks is not None:
+            fresh = build_classifier(args, num_classes)
         load_pretrained(model, args.init, verbose=plumbing.is_main_process())
         if args.keep_blocks is not None:
-            reinit_blocks(model, args.keep_blocks)
+            reinit_blocks(model, fresh, args.keep_blocks)
             plumbing.print0(f"kept blocks 1..{args.keep_blocks}, re-initialised "
                             f"{args.keep_blocks + 1}..{model.depth}")
     if not (args.eval or args.export or args.resume):
@@ -395,12 +410,16 @@ def prepare_model(args, num_classes, device):
     if linprobe:
         freeze_backbone(model)
     else:
-        model.pos_embed.requires_grad_(True)
+        model.pos_embed.requires_grad_(True)  # the ViT's is fixed in pre-training
     return model.to(device)
 
 
 def export(args):
     """A plain state dict with timm's VisionTransformer keys (same shape, same logits)."""
+    if args.model in HIERA_CONFIGS:
+        raise CheckpointError("--export writes timm's VisionTransformer; a Hiera checkpoint "
+                              "already has the official Hiera keys (timm's hiera "
+                              "checkpoint_filter_fn converts them)")
     model = prepare_model(args, checkpoint_num_classes(args.init), torch.device("cpu"))
     if args.rel_pos or args.recipe == "linprobe":
         raise CheckpointError("timm's VisionTransformer has no relative position bias nor "
@@ -416,7 +435,7 @@ def export(args):
 
 def checkpoint_num_classes(path):
     head = {k: v for k, v in read_state_dict(path).items()
-            if k in ("head.weight", "head.1.weight")}
+            if k in ("head.weight", "head.1.weight", "head.projection.weight")}
     if not head:
         raise CheckpointError(f"{path} has no classifier head: export a fine-tuned checkpoint")
     return next(iter(head.values())).shape[0]

@@ -19,7 +19,8 @@ from tqdm import tqdm
 import data
 import distill
 import plumbing
-from model import VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, sincos_pos_embed
+from model import (HIERA_CONFIGS, VIT_CONFIGS, Block, CheckpointError, Hiera, ViT,
+                   init_mae_weights, sincos_pos_embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +97,8 @@ class MAE(ViT):
                                         self.decoder_norm, self.decoder_pred]))
         nn.init.normal_(self.mask_token, std=0.02)
         assert self.decoder_pos_embed.shape[1] == num_patches + 1
+        # what reconstruction_grid needs: predicted patches and the masking noise per image
+        self.recon_patch, self.recon_grid, self.mask_slots = patch_size, self.grid, num_patches
 
     def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
         """Encode the visible patches. Returns (latent, mask, ids_restore, ids_keep, extras):
@@ -127,7 +130,7 @@ class MAE(ViT):
     def forward_loss(self, imgs, pred, mask):
         """Mean squared error on the removed patches only. With norm_pix_loss each target patch
         is normalised by its own mean and variance (eps 1e-6; unbiased variance, as FAIR)."""
-        target = patchify(imgs, self.patch_size)  # (B, L, p*p*C)
+        target = patchify(imgs, self.recon_patch)  # (B, L, p*p*C)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -141,16 +144,111 @@ class MAE(ViT):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
+class HieraMAE(Hiera):
+    """Hiera's sparse MAE (Ryali et al. 2023): the encoder (inherited, official key names) sees
+    only the kept mask units, whose tokens are deleted rather than replaced; stage outputs are
+    fused (a strided conv per pooled stage, `multi_scale_fusion_heads`), normalised
+    (`encoder_norm`) and decoded at the final stride 4 * 2^q_pool (16 with q_pool 2), where each
+    mask unit is u x u tokens. The loss is norm-pix MSE on the removed units' patches.
+
+    Pre-training uses q_pool 2 (stage 4 stays at stride 16); the weights are those of the
+    q_pool-3 classifier, which loads them with the decoder keys dropped. Patches are flattened
+    in (p, q, c) order, as the ViT MAE's patchify (official Hiera uses (c, p, q); only the
+    decoder_pred rows differ).
+    """
+
+    def __init__(self, embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), img_size=224, q_pool=2,
+                 mask_unit_size=8, in_chans=3, decoder_dim=96, decoder_depth=1, decoder_heads=3,
+                 mlp_ratio=4.0, norm_pix_loss=True):
+        super().__init__(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
+                         num_heads=num_heads, num_classes=0, stages=stages, q_pool=q_pool,
+                         mask_unit_size=mask_unit_size, mlp_ratio=mlp_ratio)
+        del self.norm, self.head
+        dim, self.norm_pix_loss = self.num_features, norm_pix_loss
+        self.recon_layer = self.depth  # the decoder reads the last stage (fused with earlier)
+        self.unit_final = mask_unit_size // 2 ** q_pool  # tokens per unit side at the decoder
+        self.fused_blocks = self.stage_ends[:q_pool] + [self.depth]
+        self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
+        heads = []
+        for end in self.stage_ends[:q_pool]:  # pooled stages: u x u -> unit_final^2 by a conv
+            k = mask_unit_size // 2 ** self.pools_before(end) // self.unit_final
+            heads.append(nn.Conv2d(self.blocks[end - 1].dim_out, dim, kernel_size=k, stride=k))
+        self.multi_scale_fusion_heads = nn.ModuleList(heads + [nn.Identity()])
+        self.recon_patch = 4 * 2 ** q_pool
+        self.recon_grid = (self.grid[0] // 2 ** q_pool, self.grid[1] // 2 ** q_pool)
+        self.mask_slots = self.num_units
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, self.recon_grid[0] * self.recon_grid[1], decoder_dim))
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, self.recon_patch ** 2 * in_chans)
+        init_mae_weights(self)  # as the reference: MAE init everywhere, then these
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
+        """Returns (latent (B, K, u, u, D) for the K kept units, keep-mask (B, units) with True
+        = kept, ({block: output}, {block: logits}))."""
+        keep = self.random_unit_mask(imgs.shape[0], mask_ratio, noise, imgs.device)
+        _, block_out, attn_logits = self.forward_features(
+            imgs, keep, return_blocks={*self.fused_blocks, *return_blocks}, return_attn=return_attn)
+        latent = 0
+        for block, head in zip(self.fused_blocks, self.multi_scale_fusion_heads):
+            units = self.unit_layout(block_out[block], block)  # (B, K, u_b, u_b, C_b)
+            if not isinstance(head, nn.Identity):
+                B, K, u, _, C = units.shape
+                units = head(units.reshape(B * K, u, u, C).permute(0, 3, 1, 2))  # (BK, D, u', u')
+                units = units.permute(0, 2, 3, 1).reshape(B, K, *units.shape[2:], -1)
+            latent = latent + units
+        return self.encoder_norm(latent), keep, (block_out, attn_logits)
+
+    def forward_decoder(self, latent, keep):
+        """Kept units' latents + mask tokens for removed units -> (B, L, p*p*C) predictions for
+        the L patches of the final-stride grid, in raster order."""
+        x = self.decoder_embed(latent)  # (B, K, u, u, Dd)
+        B, u, Dd = keep.shape[0], self.unit_final, x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(B, self.num_units, u * u, Dd).clone()
+        full[keep] = x.reshape(-1, u * u, Dd)  # kept units, in unit order, into their slots
+        mh, mw = self.mask_grid
+        x = full.view(B, mh, mw, u, u, Dd).permute(0, 1, 3, 2, 4, 5).reshape(B, -1, Dd)  # raster
+        x = x + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x, _ = block(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def removed_patches(self, keep):
+        """(B, units) keep-mask -> (B, L) float, 1 for patches of removed units (raster)."""
+        u = self.unit_final
+        removed = (~keep).view(-1, *self.mask_grid).float()
+        return removed.repeat_interleave(u, 1).repeat_interleave(u, 2).flatten(1)
+
+    def forward(self, imgs, mask_ratio=0.6, noise=None):
+        latent, keep, _ = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, keep)
+        mask = self.removed_patches(keep)
+        return MAE.forward_loss(self, imgs, pred, mask), pred, mask
+
+
 def build_mae(name, **kwargs):
+    """A ViT MAE or a Hiera sparse MAE by preset name (Hiera ignores patch_size/recon_layer)."""
+    if name in HIERA_CONFIGS:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("patch_size", "recon_layer")}
+        return HieraMAE(**HIERA_CONFIGS[name], **kwargs)
     if name not in VIT_CONFIGS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(VIT_CONFIGS)}")
+        raise ValueError(f"unknown model {name!r}: choose one of "
+                         f"{', '.join(list(VIT_CONFIGS) + list(HIERA_CONFIGS))}")
     return MAE(**VIT_CONFIGS[name], **kwargs)
 
 
 def encoder_state_dict(model):
     """The backbone alone (what fine-tuning and timm load): every key but the decoder's."""
     return {k: v for k, v in model.state_dict().items()
-            if not k.startswith(("decoder_", "mask_token"))}
+            if not k.startswith(("decoder_", "mask_token", "multi_scale_fusion", "encoder_norm"))}
 
 
 @torch.no_grad()
@@ -161,15 +259,15 @@ def reconstruction_grid(model, imgs, mask_ratio, path, seed=0):
     from PIL import Image
 
     model.eval()
-    noise = torch.rand(imgs.shape[0], model.grid[0] * model.grid[1],
+    noise = torch.rand(imgs.shape[0], model.mask_slots,
                        generator=torch.Generator().manual_seed(seed)).to(imgs.device)
     _, pred, mask = model(imgs, mask_ratio, noise)
     pred = pred.float()
     if model.norm_pix_loss:
-        target = patchify(imgs, model.patch_size)
+        target = patchify(imgs, model.recon_patch)
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** 0.5 + mean
-    p, grid = model.patch_size, model.grid
+    p, grid = model.recon_patch, model.recon_grid
     pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)  # 1 = removed
     recon = unpatchify(pred, p, grid)
     rows = [imgs, imgs * (1 - pixel_mask), imgs * (1 - pixel_mask) + recon * pixel_mask]
@@ -190,12 +288,14 @@ def reconstruction_grid(model, imgs, mask_ratio, path, seed=0):
 def get_parser():
     p = argparse.ArgumentParser(description="MAE pre-training of a ViT (nanoMIM).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_tiny", choices=list(VIT_CONFIGS), help="encoder")
+    p.add_argument("--model", default="vit_tiny", choices=list(VIT_CONFIGS) + list(HIERA_CONFIGS),
+                   help="encoder (hiera_*: Hiera's sparse MAE)")
     p.add_argument("--img-size", type=int, default=None,
-                   help="input size in pixels (default 224; 32 for --data synthetic)")
+                   help="input size in pixels (default 224; synthetic: 32, Hiera 64)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch size in pixels (default 16; 4 for --data synthetic)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="fraction of patches (Hiera: mask units) removed (default 0.75; Hiera 0.6)")
     p.add_argument("--recon-layer", type=int, default=None,
                    help="encoder block (1-indexed) whose normalised output the decoder reads "
                         "(default: the last block)")
@@ -260,8 +360,11 @@ def get_parser():
 
 def fill_defaults(args):
     """Defaults that depend on the data: the synthetic demo is small enough for a laptop CPU."""
-    demo = args.data == "synthetic"
-    for name, real, small in (("img_size", 224, 32), ("patch_size", 16, 4), ("batch_size", 256, 64),
+    demo, hiera = args.data == "synthetic", args.model in HIERA_CONFIGS
+    if args.mask_ratio is None:
+        args.mask_ratio = 0.6 if hiera else 0.75
+    for name, real, small in (("img_size", 224, 64 if hiera else 32), ("patch_size", 16, 4),
+                              ("batch_size", 256, 64),
                               ("epochs", 400, 8), ("warmup_epochs", 40, 1)):
         if getattr(args, name) is None:
             setattr(args, name, small if demo else real)
@@ -272,6 +375,8 @@ def fill_defaults(args):
 
 def validate(args, parser):
     """Every flag checked against the model and the data, with a message that names the fix."""
+    if args.model in HIERA_CONFIGS:
+        return validate_hiera(args, parser)
     depth = VIT_CONFIGS[args.model]["depth"]
     if args.no_recon:
         args.recon_layer = 0
@@ -296,6 +401,28 @@ def validate(args, parser):
     if not 0 <= args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
         parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
                      f"the {num_patches} patches")
+    validate_common(args, parser)
+
+
+def validate_hiera(args, parser):
+    """Hiera's sparse MAE: whole mask units (32 px with the default unit of 8 tokens)."""
+    if args.recon_layer is not None or args.no_recon:
+        parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
+                     "fused stages")
+    if args.teacher is not None:
+        parser.error("distillation into a Hiera student is not supported yet; pre-train Hiera "
+                     "without --teacher or distil a vit_* student")
+    if args.img_size % 32:
+        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
+                     "x mask unit 8)")
+    units = (args.img_size // 32) ** 2
+    if not 0 <= args.mask_ratio < 1 or int(units * (1 - args.mask_ratio)) < 1:
+        parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
+                     f"the {units} mask units")
+    validate_common(args, parser)
+
+
+def validate_common(args, parser):
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         parser.error(f"--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads "
                      f"{args.decoder_heads} and by 4 (sin-cos position embedding)")
