@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ViT, build_model, load_pretrained
+from model import HIERA_CONFIGS, Hiera, ViT, build_model, load_pretrained
 
 
 class DistillError(ValueError):
@@ -37,12 +37,19 @@ class DistillError(ValueError):
 # Teacher
 
 
-def load_teacher(path, model_name, img_size=224, patch_size=16):
-    """A frozen teacher ViT (eval mode, no gradients) built as `model_name` and loaded through
+def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2):
+    """A frozen teacher (eval mode, no gradients) built as `model_name` and loaded through
     model.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours, plain state
-    dicts. Every encoder key and the final norm must be present with the right shape."""
-    teacher = build_model(model_name, img_size=img_size, patch_size=patch_size)
+    dicts, Hiera files. Every encoder key and the ViT's final norm must be present with the right
+    shape. A Hiera teacher is built with the student's q_pool (its MAE files have no final norm,
+    which attention distillation does not use)."""
+    if model_name in HIERA_CONFIGS:
+        teacher = build_model(model_name, img_size=img_size, num_classes=0, q_pool=q_pool)
+    else:
+        teacher = build_model(model_name, img_size=img_size, patch_size=patch_size)
     report = load_pretrained(teacher, path, verbose=False)
+    if isinstance(teacher, Hiera):
+        report["initialised"] = [k for k in report["initialised"] if not k.startswith("norm.")]
     if report["initialised"]:  # e.g. no final norm: the teacher would be partly random
         raise DistillError(f"teacher {path} lacks {', '.join(report['initialised'])} of "
                            f"{model_name}; pass the teacher's full encoder checkpoint")
@@ -64,13 +71,14 @@ def default_teacher_layer(student_layer, student_depth, teacher_depth):
 def attention_distill_loss(student_logits, teacher_logits, head_map, on="logits"):
     """Eq. 5 of 003: MSE(A_t, M A_s), mean over all elements.
 
-    student_logits (B, h_s, N, N), teacher_logits (B, h_t, N, N): pre-softmax q k^T / sqrt(d);
-    head_map (h_t, h_s) mixes the student's heads into the teacher's (a 1x1 conv over heads).
+    student_logits (B, h_s, N, N), teacher_logits (B, h_t, N, N): pre-softmax q k^T / sqrt(d)
+    (Hiera: (B, h, windows, Nq, Nk)); head_map (h_t, h_s) mixes the student's heads into the
+    teacher's (a 1x1 conv over heads).
     on="probs" compares softmax probabilities instead of logits.
     """
     if on == "probs":
         student_logits, teacher_logits = student_logits.softmax(-1), teacher_logits.softmax(-1)
-    mapped = torch.einsum("ts,bsnm->btnm", head_map, student_logits.float())  # (B, h_t, N, N)
+    mapped = torch.einsum("ts,bs...->bt...", head_map, student_logits.float())  # (B, h_t, ...)
     return F.mse_loss(mapped, teacher_logits.float())
 
 
@@ -150,15 +158,15 @@ class DistilledMAE(nn.Module):
         validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input)
         recon = student.recon_layer
         self.distiller = nn.ModuleDict()
-        h_s, h_t = student.num_heads, teacher.num_heads
-        for s_layer, _ in self.layers:
+        for s_layer, t_layer in self.layers:
             parts = nn.Module()
+            h_s, h_t = block_heads(student, s_layer), block_heads(teacher, t_layer)
             if target == "attn":
                 head_map = torch.empty(h_t, h_s)
                 nn.init.kaiming_uniform_(head_map, a=math.sqrt(5))  # nn.Conv2d's default init
                 parts.head_map = nn.Parameter(head_map)  # M: (teacher_heads, student_heads)
             if target == "rep":
-                rep_map = torch.empty(teacher.embed_dim, student.embed_dim)
+                rep_map = torch.empty(block_width(teacher, t_layer), block_width(student, s_layer))
                 nn.init.kaiming_uniform_(rep_map, a=math.sqrt(5))  # nn.Linear's default init
                 parts.rep_map = nn.Parameter(rep_map.t().contiguous())  # N: (d_s, d_t)
             if target in ("attn", "relation") and 0 < recon < s_layer:
@@ -188,8 +196,15 @@ class DistilledMAE(nn.Module):
 
     def teacher_features(self, imgs, ids_keep):
         """Run the teacher (no grad) on the visible patches in the student's order, or on the
-        whole image and then pick the visible tokens. Returns {teacher_layer: feature}."""
+        whole image and then pick the visible tokens. Returns {teacher_layer: feature}.
+        A Hiera teacher gets the student's keep-mask (B, units) as ids_keep."""
         teacher = self.teacher
+        if isinstance(teacher, Hiera):
+            t_layers = [t for _, t in self.layers]
+            attn = t_layers if self.target == "attn" else ()
+            _, block_out, attn_logits = teacher.forward_features(
+                imgs, ids_keep, max(t_layers), () if attn else t_layers, attn)
+            return attn_logits if attn else block_out
         tokens = teacher.embed(imgs)  # (B, L, D_t)
         if self.teacher_input == "visible":
             tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
@@ -229,7 +244,9 @@ class DistilledMAE(nn.Module):
         total = 0.0
         for s_layer, t_layer in self.layers:
             parts, target = self.distiller[str(s_layer)], teacher_feats[t_layer]
-            if self.target == "rep":
+            if self.target == "rep" and isinstance(self.student, Hiera):  # raw block outputs
+                loss = representation_distill_loss(block_out[s_layer], target, parts.rep_map)
+            elif self.target == "rep":
                 rep = self.student.layer_representation(block_out, s_layer)
                 loss = representation_distill_loss(rep, target, parts.rep_map)
             elif self.target == "attn" and s_layer in attn_logits:  # inside block L (D-MAE)
@@ -246,8 +263,17 @@ class DistilledMAE(nn.Module):
         return total / len(self.layers)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        student = self.student  # an mae.MAE
+        student = self.student  # an mae.MAE or mae.HieraMAE
         blocks, attn = self.student_requests()
+        if isinstance(student, Hiera):  # the teacher sees the student's kept mask units
+            latent, keep, (block_out, attn_logits) = student.forward_encoder(
+                imgs, mask_ratio, noise, return_blocks=blocks, return_attn=attn)
+            pred = student.forward_decoder(latent, keep)
+            recon_loss = student.forward_loss(imgs, pred, student.removed_patches(keep))
+            with torch.no_grad():
+                teacher_feats = self.teacher_features(imgs, keep)
+            distill_loss = self.distill_loss(block_out, attn_logits, teacher_feats)
+            return recon_loss + self.weight * distill_loss, recon_loss, distill_loss
         latent, mask, ids_restore, ids_keep, (block_out, attn_logits) = student.forward_encoder(
             imgs, mask_ratio, noise, return_blocks=blocks, return_attn=attn)
         recon_loss = torch.zeros((), device=imgs.device)
@@ -272,9 +298,45 @@ def pick_tokens(x, index, dims):
     return x
 
 
+def block_heads(model, layer):
+    """Attention heads of a 1-indexed block (Hiera doubles them at every stage)."""
+    return model.blocks[layer - 1].attn.heads if isinstance(model, Hiera) else model.num_heads
+
+
+def block_width(model, layer):
+    return model.blocks[layer - 1].dim_out if isinstance(model, Hiera) else model.embed_dim
+
+
+def validate_hiera_layout(student, teacher, student_layers, teacher_layers, target):
+    """A Hiera pair: the distilled blocks must see the same tokens (count and windows); checked
+    with one forward pass of a blank image under a fixed keep-mask."""
+    if not isinstance(student, Hiera) or not isinstance(teacher, Hiera):
+        raise DistillError("a Hiera student needs a Hiera teacher (--teacher-model hiera_*): a "
+                           "ViT's tokens do not match Hiera's mask-unit tokens")
+    if target not in ("attn", "rep"):
+        raise DistillError("a Hiera student distils attention or representations "
+                           "(--distill-target attn or rep), not TinyMIM relations")
+    if teacher.img_size != student.img_size or teacher.mask_grid != student.mask_grid:
+        raise DistillError("teacher and student Hiera need the same --img-size and mask units")
+    imgs = torch.zeros(1, 3, *student.img_size)
+    keep = student.random_unit_mask(1, 0.5)
+    with torch.no_grad():
+        _, s_out, _ = Hiera.forward_features(student, imgs, keep, max(student_layers),
+                                             student_layers)
+        _, t_out, _ = teacher.forward_features(imgs, keep, max(teacher_layers), teacher_layers)
+    for s, t in zip(student_layers, teacher_layers):
+        s_tok, t_tok = s_out[s].shape[1], t_out[t].shape[1]
+        s_win = student.blocks[s - 1].attn.use_mask_unit_attn
+        if s_tok != t_tok or s_win != teacher.blocks[t - 1].attn.use_mask_unit_attn:
+            raise DistillError(f"student block {s} ({s_tok} tokens) and teacher block {t} "
+                               f"({t_tok} tokens) do not attend over the same tokens; pick "
+                               "blocks of the same stage (e.g. the last blocks)")
+
+
 def validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input):
     """Every distillation flag checked against both models, with a message naming the fix."""
-    if not isinstance(student, ViT) or not isinstance(teacher, ViT):
+    hiera = isinstance(student, Hiera) or isinstance(teacher, Hiera)
+    if not hiera and not (isinstance(student, ViT) and isinstance(teacher, ViT)):
         raise DistillError("student and teacher must both be ViTs")
     if len(student_layers) != len(teacher_layers):
         raise DistillError(f"--teacher-layer names {len(teacher_layers)} blocks but "
@@ -287,6 +349,8 @@ def validate_layout(student, teacher, student_layers, teacher_layers, target, te
         if not 1 <= t <= teacher.depth:
             raise DistillError(f"--teacher-layer {t} is beyond the teacher's {teacher.depth} "
                                f"blocks (choose 1..{teacher.depth})")
+    if hiera:  # Hiera's MAE decodes the fused stages, so every block trains
+        return validate_hiera_layout(student, teacher, student_layers, teacher_layers, target)
     deepest = max(student.recon_layer, *student_layers)
     if deepest < student.depth:
         raise DistillError(f"blocks {deepest + 1}..{student.depth} would receive no gradient: "

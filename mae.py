@@ -221,6 +221,8 @@ class HieraMAE(Hiera):
             x, _ = block(x)
         return self.decoder_pred(self.decoder_norm(x))
 
+    forward_loss = MAE.forward_loss  # the same norm-pix MSE on removed patches (recon_patch)
+
     def removed_patches(self, keep):
         """(B, units) keep-mask -> (B, L) float, 1 for patches of removed units (raster)."""
         u = self.unit_final
@@ -231,7 +233,7 @@ class HieraMAE(Hiera):
         latent, keep, _ = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, keep)
         mask = self.removed_patches(keep)
-        return MAE.forward_loss(self, imgs, pred, mask), pred, mask
+        return self.forward_loss(imgs, pred, mask), pred, mask
 
 
 def build_mae(name, **kwargs):
@@ -307,8 +309,9 @@ def get_parser():
     g = p.add_argument_group("distillation from a teacher (see distill.py)")
     g.add_argument("--teacher", default=None,
                    help="teacher checkpoint (FAIR MAE, MAE-Lite, ours); enables distillation")
-    g.add_argument("--teacher-model", default="vit_base", choices=list(VIT_CONFIGS),
-                   help="teacher architecture")
+    g.add_argument("--teacher-model", default=None,
+                   choices=list(VIT_CONFIGS) + list(HIERA_CONFIGS),
+                   help="teacher architecture (default vit_base; hiera_base for a Hiera student)")
     g.add_argument("--distill-target", default="attn", choices=["attn", "rep", "relation"],
                    help="attention maps (D-MAE), representations, or TinyMIM Q-K/V-V relations")
     g.add_argument("--distill-on", default="logits", choices=["logits", "probs"],
@@ -363,6 +366,8 @@ def fill_defaults(args):
     demo, hiera = args.data == "synthetic", args.model in HIERA_CONFIGS
     if args.mask_ratio is None:
         args.mask_ratio = 0.6 if hiera else 0.75
+    if args.teacher_model is None:
+        args.teacher_model = "hiera_base" if hiera else "vit_base"
     for name, real, small in (("img_size", 224, 64 if hiera else 32), ("patch_size", 16, 4),
                               ("batch_size", 256, 64),
                               ("epochs", 400, 8), ("warmup_epochs", 40, 1)):
@@ -385,15 +390,7 @@ def validate(args, parser):
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
         parser.error(f"--recon-layer {args.recon_layer} is beyond {args.model}'s {depth} blocks "
                      f"(choose 1..{depth})")
-    if args.teacher is None and (args.distill_layer or args.teacher_layer):
-        parser.error("--distill-layer / --teacher-layer need a --teacher checkpoint")
-    if args.teacher is not None:
-        t_depth = VIT_CONFIGS[args.teacher_model]["depth"]
-        args.distill_layer = parse_layers(args.distill_layer or str(depth), "--distill-layer",
-                                          parser)
-        args.teacher_layer = parse_layers(
-            args.teacher_layer or ",".join(str(distill.default_teacher_layer(s, depth, t_depth))
-                                           for s in args.distill_layer), "--teacher-layer", parser)
+    parse_distill_layers(args, parser, depth)
     if args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
                      f"{args.patch_size}")
@@ -409,9 +406,12 @@ def validate_hiera(args, parser):
     if args.recon_layer is not None or args.no_recon:
         parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
                      "fused stages")
-    if args.teacher is not None:
-        parser.error("distillation into a Hiera student is not supported yet; pre-train Hiera "
-                     "without --teacher or distil a vit_* student")
+    if args.teacher is not None and (args.teacher_model not in HIERA_CONFIGS
+                                     or args.distill_target == "relation"):
+        parser.error("a Hiera student distils attention or representations (--distill-target "
+                     "attn / rep) from a Hiera teacher (--teacher-model hiera_*) whose blocks see "
+                     "the same tokens")
+    parse_distill_layers(args, parser, model_depth(args.model))
     if args.img_size % 32:
         parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
                      "x mask unit 8)")
@@ -420,6 +420,24 @@ def validate_hiera(args, parser):
         parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
                      f"the {units} mask units")
     validate_common(args, parser)
+
+
+def model_depth(name):
+    return sum(HIERA_CONFIGS[name]["stages"]) if name in HIERA_CONFIGS else VIT_CONFIGS[name]["depth"]
+
+
+def parse_distill_layers(args, parser, depth):
+    """--distill-layer (default: the last block) and --teacher-layer (default: the teacher block
+    at the same relative depth)."""
+    if args.teacher is None and (args.distill_layer or args.teacher_layer):
+        parser.error("--distill-layer / --teacher-layer need a --teacher checkpoint")
+    if args.teacher is None:
+        return
+    t_depth = model_depth(args.teacher_model)
+    args.distill_layer = parse_layers(args.distill_layer or str(depth), "--distill-layer", parser)
+    args.teacher_layer = parse_layers(
+        args.teacher_layer or ",".join(str(distill.default_teacher_layer(s, depth, t_depth))
+                                       for s in args.distill_layer), "--teacher-layer", parser)
 
 
 def validate_common(args, parser):
@@ -480,7 +498,7 @@ def build_training_module(args, device):
     if args.teacher is None:
         return student.to(device), student
     teacher = distill.load_teacher(args.teacher, args.teacher_model, args.img_size,
-                                   args.patch_size)
+                                   args.patch_size, getattr(student, "q_pool", 2))
     module = distill.DistilledMAE(student, teacher, args.distill_layer, args.teacher_layer,
                                   args.distill_target, args.distill_on, args.distill_weight,
                                   args.teacher_input)

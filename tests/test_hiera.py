@@ -181,7 +181,8 @@ def test_scripts_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--img-size", "48"], "multiple of 32"),
-    (["--teacher", "t.pth"], "not supported yet"),
+    (["--teacher", "t.pth", "--teacher-model", "vit_base"], "from a Hiera teacher"),
+    (["--teacher", "t.pth", "--distill-target", "relation"], "attention or representations"),
     (["--recon-layer", "8"], "for ViT students"),
     (["--img-size", "32"], "keep at least one of the 1 mask units"),
 ])
@@ -189,3 +190,22 @@ def test_bad_hiera_mae_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
         mae.main(["--model", "hiera_tiny_lite"] + flags)
     assert message in capsys.readouterr().err
+
+
+def test_distillation_from_a_hiera_teacher(tmp_path, capsys):
+    run = ["--model", "hiera_tiny_lite", "--synthetic-size", "16", "--batch-size", "8",
+           "--num-workers", "0", "--log-every", "1", "--epochs", "1"]
+    mae.main(run + ["--out-dir", str(tmp_path / "teacher")])
+    teacher = ["--teacher", str(tmp_path / "teacher" / "checkpoint.pth"), "--teacher-model",
+               "hiera_tiny_lite"]
+    for target in ("attn", "rep"):
+        out = tmp_path / target
+        mae.main(run + teacher + ["--distill-target", target, "--out-dir", str(out)])
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert all(r["distill_loss"] > 0 and r["recon_loss"] > 0 for r in log)
+        ckpt = torch.load(out / "checkpoint.pth")
+        assert any(k.endswith("head_map" if target == "attn" else "rep_map")
+                   for k in ckpt["distill"])
+    with pytest.raises(SystemExit, match="do not attend over the same tokens"):
+        mae.main(run + teacher + ["--distill-layer", "3", "--teacher-layer", "12",
+                                  "--out-dir", str(tmp_path / "bad")])
