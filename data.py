@@ -302,3 +302,137 @@ def check_bad_images(skipped, seen, max_fraction=0.01, tolerance=10):
         raise DataError(f"{skipped} of {seen} images could not be read (more than "
                         f"{max_fraction:.0%}): the dataset is damaged; check --data-root and the "
                         "warnings above")
+
+
+# ----------------------------------------------------------------------------------------------
+# The device loader: workers only read file bytes; JPEGs are decoded in batches (nvJPEG on a
+# GPU) and RandomResizedCrop, flip and normalisation run on the device. Same output as the
+# classic path with pretrain_transform: (B, 3, S, S) float32, ImageNet-normalised, labels in
+# sampler order, unreadable files skipped and counted.
+
+
+class FileBytes(Dataset):
+    """(raw file bytes as a 1-D uint8 tensor, label) for each image of an image folder."""
+
+    def __init__(self, samples):
+        self.samples = samples  # [(path, label)], as ImageFolder.samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        try:
+            return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), label
+        except OSError as e:
+            print(f"warning: skipping unreadable file {path} ({e})", file=sys.stderr)
+            return None
+
+
+def collate_bytes(batch):
+    """-> (list of byte tensors, labels (B,), number of unreadable files)."""
+    good = [s for s in batch if s is not None]
+    return [b for b, _ in good], torch.tensor([label for _, label in good]), len(batch) - len(good)
+
+
+def decode_images(blobs, device):
+    """Decode a batch of encoded images to RGB uint8 (3, H, W) tensors on `device`: all JPEGs in
+    one batched call (nvJPEG on CUDA); if that fails, one by one, other formats through
+    decode_image on the CPU. Returns (images, ok) with None for an undecodable blob."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # 0.29: TorchCodec
+    try:
+        images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        return images, [True] * len(blobs)
+    except RuntimeError:  # a non-JPEG or a corrupt file somewhere in the batch
+        pass
+    images = []
+    for blob in blobs:
+        try:
+            images.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            try:
+                images.append(decode_image(blob, mode=ImageReadMode.RGB).to(device))
+            except RuntimeError:
+                images.append(None)
+    return images, [img is not None for img in images]
+
+
+def crop_box(height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (top, left, h, w), drawn with torch's RNG as torchvision does:
+    10 tries of a random area fraction and log-uniform aspect ratio, else the centre crop."""
+    area, log_ratio = height * width, torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, (1,)).item()
+            left = torch.randint(0, width - w + 1, (1,)).item()
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the whole image, clamped to the ratio range
+    w, h = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
+        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def device_augment(images, img_size, min_scale):
+    """MAE's pre-training augmentation on decoded uint8 images (each (3, H, W), any size, on
+    the device): RandomResizedCrop (bicubic, antialiased) to img_size, horizontal flip with
+    probability 0.5, ImageNet normalisation. Returns (B, 3, S, S) float32."""
+    crops = []
+    for img in images:
+        top, left, h, w = crop_box(img.shape[1], img.shape[2], (min_scale, 1.0))
+        crop = img[None, :, top:top + h, left:left + w].float()  # (1, 3, h, w)
+        crops.append(torch.nn.functional.interpolate(crop, size=(img_size, img_size),
+                                                     mode="bicubic", antialias=True))
+    x = torch.cat(crops).clamp_(0, 255)  # (B, 3, S, S), bicubic may overshoot
+    flip = (torch.rand(len(images)) < 0.5).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+class DeviceLoader:
+    """The MAE training loader of `--loader device`: persistent workers read bytes, the main
+    process decodes and augments on `device`. epoch(e) yields (images on device, labels, n_bad)
+    like a make_loader loader; its randomness is torch's global RNG (reseeded every epoch by
+    the training loop), so a resumed run sees the same crops."""
+
+    def __init__(self, root, batch_size, seed, device, img_size, min_scale=0.2, rank=0,
+                 world_size=1, num_workers=4, split="train"):
+        folder = _imagefolder(root, split)
+        self.dataset = FileBytes(folder.samples)
+        self.device, self.img_size, self.min_scale = device, img_size, min_scale
+        self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=num_workers, collate_fn=collate_bytes,
+                                 drop_last=True, persistent_workers=num_workers > 0,
+                                 prefetch_factor=4 if num_workers > 0 else None,
+                                 # its own generator: creating the iterator must not draw from
+                                 # the global RNG that the augmentation and masks use
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+        for blobs, labels, n_unread in self.loader:
+            images, ok = decode_images(blobs, self.device)
+            for good, blob in zip(ok, blobs):
+                if not good:
+                    print(f"warning: skipping an undecodable image ({len(blob)} bytes)",
+                          file=sys.stderr)
+            keep = [i for i, good in enumerate(ok) if good]
+            n_bad = n_unread + len(blobs) - len(keep)
+            if not keep:
+                yield None, None, n_bad
+                continue
+            imgs = device_augment([images[i] for i in keep], self.img_size, self.min_scale)
+            yield imgs, labels[keep].to(self.device, non_blocking=True), n_bad

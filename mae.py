@@ -331,6 +331,10 @@ def get_parser():
     p.add_argument("--data-root", default=None, help="dataset folder (imagefolder: the folder "
                    "holding train/<class>/...)")
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
+    p.add_argument("--loader", default="pil", choices=["pil", "device"],
+                   help="pil: PIL decode + augment in workers; device: workers read bytes, JPEGs "
+                        "decoded in batches (nvJPEG on CUDA) and augmented on the device "
+                        "(--data imagefolder)")
     p.add_argument("--min-crop-scale", type=float, default=0.2,
                    help="smallest RandomResizedCrop area (FAIR MAE 0.2; MAE-Lite's code 0.08)")
     p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
@@ -455,6 +459,8 @@ def validate_common(args, parser):
                      f"{args.epochs}")
     if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
+    if args.loader == "device" and args.data != "imagefolder":
+        parser.error("--loader device reads image files: use it with --data imagefolder")
     if args.data_root is not None and not os.path.isdir(args.data_root):
         parser.error(f"--data-root {args.data_root} is not a folder")
 
@@ -537,9 +543,14 @@ def train(args):
 
     plumbing.seed_everything(args.seed)
     module, student = build_training_module(args, device)
-    dataset = data.build_dataset(args.data, args.data_root, "train",
-                                 data.pretrain_transform(args.img_size, args.min_crop_scale),
-                                 args.download, args.synthetic_size, args.img_size)
+    if args.loader == "device":  # workers read bytes; decode + augment on the device
+        dataset = data.DeviceLoader(args.data_root, args.batch_size, args.seed, device,
+                                    args.img_size, args.min_crop_scale, rank, world_size,
+                                    args.num_workers)
+    else:
+        dataset = data.build_dataset(args.data, args.data_root, "train",
+                                     data.pretrain_transform(args.img_size, args.min_crop_scale),
+                                     args.download, args.synthetic_size, args.img_size)
     steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
     if steps_per_epoch < 1:
         raise data.DataError(f"{len(dataset)} images are fewer than one step needs "
@@ -575,8 +586,9 @@ def train(args):
     loss_count, images_since_log, t0 = 0, 0, time.time()
     for epoch in range(start_epoch, args.epochs):
         plumbing.seed_everything(args.seed, epoch, rank)
-        loader = data.make_loader(dataset, args.batch_size, epoch, args.seed, rank, world_size,
-                                  args.num_workers, pin_memory=device.type == "cuda")
+        loader = dataset.epoch(epoch) if args.loader == "device" else data.make_loader(
+            dataset, args.batch_size, epoch, args.seed, rank, world_size, args.num_workers,
+            pin_memory=device.type == "cuda")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
         for it, (imgs, _, n_bad) in enumerate(bar):

@@ -115,3 +115,45 @@ def test_loader_order_depends_only_on_seed_and_epoch():
     c, d = first_batch(1, 2), first_batch(1, 2)  # worker seeds come from (seed, epoch, rank)
     assert torch.equal(c[0], d[0])
     assert not torch.equal(first_batch(2, 0)[1], a[1])
+
+
+def test_crop_box_is_torchvisions_random_resized_crop():
+    import torchvision.transforms as T
+    for seed, (h, w) in enumerate([(375, 500), (500, 333), (10, 200)]):
+        torch.manual_seed(seed)
+        ours = data.crop_box(h, w, (0.2, 1.0))
+        torch.manual_seed(seed)
+        assert ours == T.RandomResizedCrop.get_params(torch.zeros(3, h, w), (0.2, 1.0),
+                                                      (3 / 4, 4 / 3))
+
+
+def test_device_loader_matches_the_classic_path(tmp_path, capsys):
+    write_image_folder(tmp_path / "train", per_class=5, corrupt=1)  # 11 files, one broken
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "train" / "dog" / "x.png")
+    classic = data.build_dataset("imagefolder", str(tmp_path), "train",
+                                 data.pretrain_transform(16))
+    fast = data.DeviceLoader(str(tmp_path), 4, seed=3, device=torch.device("cpu"), img_size=16,
+                             num_workers=1)
+    assert len(fast) == len(classic) == 12
+    lo = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    hi = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    for epoch in (0, 1):
+        a = list(data.make_loader(classic, 4, epoch, seed=3, num_workers=0))
+        b = list(fast.epoch(epoch))
+        assert [n for _, _, n in a] == [n for _, _, n in b]  # the broken file, same batch
+        assert sum(n for _, _, n in b) == 1
+        for (xa, ya, _), (xb, yb, _) in zip(a, b):
+            assert torch.equal(ya, yb)  # same images in the same order
+            assert xa.shape == xb.shape and xa.dtype == xb.dtype == torch.float32
+            assert lo - 1e-4 <= xb.min() and xb.max() <= hi + 1e-4
+    assert "undecodable" in capsys.readouterr().err
+
+
+def test_device_augment_on_a_whole_image_is_a_resize():
+    img = (torch.arange(3 * 8 * 8) % 251).to(torch.uint8).view(3, 8, 8)
+    torch.manual_seed(0)
+    out = data.device_augment([img], 8, min_scale=1.0)  # area 1, ratio 1 -> the image itself
+    expected = (img.float() / 255 - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)) \
+        / torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(out[0], expected, atol=1e-4) or \
+        torch.allclose(out[0], expected.flip(-1), atol=1e-4)

@@ -223,3 +223,19 @@ def test_ddp_under_torchrun_on_cpu(tmp_path, flags):
     log = read_log(tmp_path / "log.jsonl")  # rank 0 alone writes the log: 64 / 16 = 4 steps
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert os.path.exists(tmp_path / "checkpoint.pth")
+
+
+def test_device_loader_run_and_exact_resume(tmp_path):
+    from test_data import write_image_folder
+    write_image_folder(tmp_path / "imgs" / "train", per_class=8, corrupt=1)
+    run = ["--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--log-every", "1",
+           "--data", "imagefolder", "--data-root", str(tmp_path / "imgs"), "--loader", "device",
+           "--num-workers", "1", "--epochs", "2", "--save-every", "1", "--warmup-epochs", "1"]
+    mae.main(run + ["--out-dir", str(tmp_path / "straight")])
+    mae.main(run + ["--out-dir", str(tmp_path / "resumed"),
+                    "--resume", str(tmp_path / "straight" / "checkpoint-1.pth")])
+    straight = read_log(tmp_path / "straight" / "log.jsonl")
+    resumed = read_log(tmp_path / "resumed" / "log.jsonl")
+    assert len(straight) == 8 and straight[-1]["skipped_images"] == 2  # 1 bad file per epoch
+    for a, b in zip(straight[4:], resumed):
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-6
