@@ -239,3 +239,19 @@ def test_device_loader_run_and_exact_resume(tmp_path):
     assert len(straight) == 8 and straight[-1]["skipped_images"] == 2  # 1 bad file per epoch
     for a, b in zip(straight[4:], resumed):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-6
+
+
+def test_bench_smoke_on_cpu(tmp_path):
+    """bench.py in a tiny configuration: every step and both loaders run; no timing asserted."""
+    import bench
+    rows, loaders = bench.main(["--img-size", "32", "--patch-size", "8", "--batch-size", "2",
+                                "--steps", "1", "--warmup", "1", "--repeats", "1", "--jpegs", "6",
+                                "--workers", "0", "--loader-batch", "4",
+                                "--out", str(tmp_path / "bench.json")])
+    names = {r["bench"] for r in rows}
+    assert {"mae", "mae_distill", "finetune", "infer"} <= names
+    assert all(r["images_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows)
+    assert {r["loader"] for r in loaders} == {"pil", "device"}
+    assert all(r["images"] == 4 for r in loaders)  # one full batch of 4 of the 6 JPEGs
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert len(saved["steps"]) == len(rows)

@@ -1,0 +1,347 @@
+"""bench.py: how fast nanoMIM's steps and input pipeline run, measured on this machine.
+
+    python bench.py                     # CUDA: 224 px, batch 256; CPU: small sizes, ~2 minutes
+    python bench.py --benches mae,mae_timm --compile on --precision bf16 --out bench.json
+
+Model steps (synthetic inputs, warm-up excluded, CUDA-synchronised, median of --repeats runs of
+--steps steps), for each --compile x --precision setting:
+  mae          the MAE pre-training step of vit_tiny (mask 0.75, the MAE-Tiny decoder) + AdamW
+  mae_distill  the same with attention distillation from a frozen vit_base teacher (D-MAE)
+  finetune     the fine-tuning step of vit_tiny (1000 classes, mean pooling) + AdamW
+  infer        vit_tiny classification, forward only
+  mae_timm     the MAE step with timm's VisionTransformer Blocks (12 heads) in encoder and
+               decoder, as the published MAE / MAE-Lite code is built (needs timm)
+  mae_timm_nofused  the same with timm's fused attention off, as the timm 0.3.2 those repos pin
+FLOPs come from torch.utils.flop_counter.FlopCounterMode (2 per multiply-add, only the tokens
+processed); MFU divides achieved FLOP/s by --peak-tflops (H100 SXM dense bf16: 989).
+
+Input pipeline (--jpegs N > 0): N JPEGs of 500x375 px, quality 90, written to a temporary image
+folder, then decode + RandomResizedCrop + flip + normalise timed for each loader mode of data.py
+(pil: PIL in worker processes; device: workers read bytes, batched decode on the device).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import distill
+import mae
+import plumbing
+from model import build_model
+
+BENCHES = ("mae", "mae_distill", "finetune", "infer", "mae_timm", "mae_timm_nofused")
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps being timed
+
+
+class TimmBlock(nn.Module):
+    """timm's Block behind our Block's interface (x -> (x, None)), for the baseline."""
+
+    def __init__(self, dim, heads, fused):
+        super().__init__()
+        from functools import partial
+
+        from timm.models.vision_transformer import Block
+
+        self.block = Block(dim, heads, mlp_ratio=4.0, qkv_bias=True,
+                           norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        self.block.attn.fused_attn = fused
+
+    def forward(self, x, return_logits=False):
+        return self.block(x), None
+
+
+def timm_mae(args, fused):
+    """Our MAE (FAIR's masking, decoder and loss) with every encoder and decoder block replaced
+    by timm's; the patch embedding and linear layers are the same as FAIR's."""
+    model = mae.build_mae("vit_tiny", img_size=args.img_size, patch_size=args.patch_size)
+    model.blocks = nn.ModuleList(TimmBlock(192, 12, fused) for _ in range(model.depth))
+    model.decoder_blocks = nn.ModuleList(TimmBlock(96, 3, fused) for _ in model.decoder_blocks)
+    return model
+
+
+def build_bench(name, args, device):
+    """(module to compile, loss function of (compiled module, images), trains?)."""
+    size = dict(img_size=args.img_size, patch_size=args.patch_size)
+    if name in ("mae", "mae_timm", "mae_timm_nofused"):
+        model = mae.build_mae("vit_tiny", **size) if name == "mae" else \
+            timm_mae(args, fused=name == "mae_timm")
+        return model.to(device), lambda m, x: m(x, 0.75)[0], True
+    if name == "mae_distill":
+        student = mae.build_mae("vit_tiny", **size)
+        teacher = build_model("vit_base", **size).requires_grad_(False).eval()
+        model = distill.DistilledMAE(student, teacher, [12], [12], "attn")
+        return model.to(device), lambda m, x: m(x, 0.75)[0], True
+    model = build_model("vit_tiny", num_classes=1000, global_pool="avg", **size).to(device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+    if name == "finetune":
+        return model, lambda m, x: F.cross_entropy(m(x).float(), labels), True
+    return model.eval(), lambda m, x: m(x), False
+
+
+def make_step(module, loss_fn, trains, images, precision, use_compile, device):
+    compiled = plumbing.maybe_compile(module, use_compile)
+    if not trains:
+        def step():
+            with torch.no_grad(), plumbing.autocast(device, precision):
+                compiled(images)
+        return step
+    optimizer = torch.optim.AdamW(plumbing.param_groups(module, 0.05), lr=1e-4,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    def step():
+        with plumbing.autocast(device, precision):
+            loss = loss_fn(compiled, images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def count_flops(module, loss_fn, trains, images):
+    """FLOPs of one step (forward + backward when training), eager, counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if trains:
+            loss_fn(module, images).backward()
+        else:
+            with torch.no_grad():
+                module(images)
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step, args, device):
+    """Median seconds per step over --repeats runs of --steps steps, after --warmup steps."""
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    runs = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        runs.append((time.perf_counter() - start) / args.steps)
+    return statistics.median(runs)
+
+
+def bench_models(args, device):
+    rows, kept_steps = [], {}
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    # Warm the process up (allocator, thread pools, CUDA context and kernels) on a throwaway
+    # MAE, so the first bench timed does not pay for it: measured on CPU, the first of two
+    # identical benches was ~20% slower without this.
+    module, loss_fn, trains = build_bench("mae", args, device)
+    step = make_step(module, loss_fn, trains, images, args.precision[0], False, device)
+    for _ in range(3 * args.warmup + 2):
+        step()
+    sync(device)
+    del module, step
+    for name in args.benches:
+        if name.startswith("mae_timm"):
+            try:
+                import timm  # noqa: F401
+            except ImportError:
+                print(f"skipping {name}: timm is not installed (pip install timm)")
+                continue
+        module, loss_fn, trains = build_bench(name, args, device)
+        flops = count_flops(module, loss_fn, trains, images)
+        keep = name in ("mae", "mae_timm", "mae_timm_nofused")  # for the paired ratio below
+        for use_compile in args.compile:
+            for precision in args.precision:
+                torch.manual_seed(0)
+                step = make_step(module, loss_fn, trains, images, precision, use_compile, device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                seconds = time_step(step, args, device)
+                peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 \
+                    if device.type == "cuda" else None
+                achieved = flops / seconds / 1e12  # TFLOP/s
+                rows.append(dict(bench=name, compile=use_compile, precision=precision,
+                                 batch=args.batch_size, ms_per_step=seconds * 1e3,
+                                 images_per_s=args.batch_size / seconds, peak_mib=peak,
+                                 gflop_per_image=flops / args.batch_size / 1e9,
+                                 tflops=achieved,
+                                 mfu=achieved / args.peak_tflops if device.type == "cuda"
+                                 else None))
+                print(f"  {name} compile={use_compile} {precision}: "
+                      f"{rows[-1]['images_per_s']:.0f} images/s", flush=True)
+                if keep:
+                    kept_steps[(name, use_compile, precision)] = step
+        del module
+    for row in rows:  # our MAE step against the timm-based one, same setting, paired
+        for base in ("mae_timm", "mae_timm_nofused"):
+            setting = (row["compile"], row["precision"])
+            if row["bench"] == "mae" and (base, *setting) in kept_steps:
+                row[f"vs_{base}"] = paired_speedup(kept_steps[("mae", *setting)],
+                                                   kept_steps[(base, *setting)], args, device)
+    return rows
+
+
+def paired_speedup(ours, baseline, args, device):
+    """Median over --repeats of (baseline time / our time), the two timed back to back in each
+    repeat, so that drifts of a shared machine cancel (separate runs differ by ~10% on CPU)."""
+    ratios = []
+    for _ in range(args.repeats):
+        times = []
+        for step in (ours, baseline):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        ratios.append(times[1] / times[0])
+    return statistics.median(ratios)
+
+
+# ----------------------------------------------------------------------------------------------
+# The input pipeline
+
+
+def write_jpegs(folder, count, seed=0):
+    """`count` ImageNet-like JPEGs (500x375, quality 90, smooth content plus noise) in 10 class
+    folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        os.makedirs(os.path.join(folder, f"class{i % 10}"), exist_ok=True)
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (375, 500, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+            os.path.join(folder, f"class{i % 10}", f"{i}.jpg"), quality=90)
+
+
+def bench_loaders(args, device):
+    root = tempfile.mkdtemp(prefix="nanomim_jpegs_")
+    rows = []
+    try:
+        write_jpegs(os.path.join(root, "train"), args.jpegs)
+        batch = min(args.loader_batch, args.jpegs)
+        for mode in ("pil", "device"):
+            for epoch in range(2):  # the first pass warms the page cache and the workers
+                if mode == "pil":
+                    dataset = data.build_dataset("imagefolder", root, "train",
+                                                 data.pretrain_transform(args.img_size))
+                    loader = data.make_loader(dataset, batch, epoch, 0, num_workers=args.workers,
+                                              pin_memory=device.type == "cuda")
+                elif epoch == 0:
+                    fast = data.DeviceLoader(root, batch, 0, device, args.img_size,
+                                             num_workers=args.workers)
+                if mode == "device":
+                    loader = fast.epoch(epoch)
+                start, count = time.perf_counter(), 0
+                for imgs, _, _ in loader:
+                    imgs = imgs.to(device, non_blocking=True)
+                    count += imgs.shape[0]
+                sync(device)
+                seconds = time.perf_counter() - start
+            rows.append(dict(loader=mode, workers=args.workers, images=count,
+                             images_per_s=count / seconds, img_size=args.img_size))
+            print(f"  loader {mode}: {count / seconds:.0f} images/s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def print_table(rows, loader_rows, device):
+    print(f"\n{'bench':<17}{'compile':>8}{'prec':>6}{'batch':>6}{'ms/step':>10}{'img/s':>10}"
+          f"{'peak MiB':>10}{'GFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}  vs timm (no fused attn)")
+    for r in rows:
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        ratio = f"{r['vs_mae_timm']:.2f}x" if "vs_mae_timm" in r else ""
+        if "vs_mae_timm_nofused" in r:
+            ratio += f" ({r['vs_mae_timm_nofused']:.2f}x)"
+        print(f"{r['bench']:<17}{str(r['compile']):>8}{r['precision']:>6}{r['batch']:>6}"
+              f"{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.0f}{peak:>10}"
+              f"{r['gflop_per_image']:>10.3f}{r['tflops']:>9.2f}{mfu:>7}  {ratio}")
+    for r in loader_rows:
+        print(f"input pipeline {r['loader']:<7} {r['workers']} workers, {r['img_size']} px: "
+              f"{r['images_per_s']:.0f} images/s ({r['images']} JPEGs of 500x375)")
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Benchmark nanoMIM's training steps and loaders.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--benches", default=",".join(BENCHES), help="comma list of " + ", ".join(BENCHES))
+    p.add_argument("--img-size", type=int, default=None, help="default 224 on CUDA, 64 on CPU")
+    p.add_argument("--patch-size", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 16 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed run (CUDA 20, CPU 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (CUDA 10, CPU 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--compile", default=None, choices=["off", "on", "both"],
+                   help="torch.compile setting(s) (default: both on CUDA, off on CPU)")
+    p.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"])
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16 peak for MFU (H100 SXM: 989)")
+    p.add_argument("--jpegs", type=int, default=None,
+                   help="JPEGs for the input-pipeline bench (default 2000 CUDA, 200 CPU; 0: skip)")
+    p.add_argument("--loader-batch", type=int, default=256, help="batch of the loader bench")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader worker processes (default: all CPU cores, at most 16)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    for name, gpu, cpu in (("img_size", 224, 64), ("patch_size", 16, 8), ("batch_size", 256, 16),
+                           ("steps", 20, 3), ("warmup", 10, 1), ("jpegs", 2000, 200)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if cuda else cpu)
+    args.workers = min(16, os.cpu_count() or 1) if args.workers is None else args.workers
+    args.compile = {"off": [False], "on": [True], "both": [False, True]}[
+        args.compile or ("both" if cuda else "off")]
+    args.precision = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    args.benches = [b for b in args.benches.split(",") if b]
+    unknown = [b for b in args.benches if b not in BENCHES]
+    if unknown:
+        raise SystemExit(f"error: unknown bench {', '.join(unknown)}; choose from "
+                         f"{', '.join(BENCHES)}")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    print(f"benchmarking on {device}: {args.img_size} px, patch {args.patch_size}, batch "
+          f"{args.batch_size}, {args.steps} steps x {args.repeats} repeats", flush=True)
+    rows = bench_models(args, device)
+    loader_rows = bench_loaders(args, device) if args.jpegs > 0 else []
+    print_table(rows, loader_rows, device)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "args": vars(args),
+                       "steps": rows, "loaders": loader_rows}, f, indent=1)
+    return rows, loader_rows
+
+
+if __name__ == "__main__":
+    main()
