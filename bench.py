@@ -129,9 +129,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_step(step, args, device):
-    """Median seconds per step over --repeats runs of --steps steps, after --warmup steps."""
-    for _ in range(args.warmup):
+def time_step(step, args, device, compiled=False):
+    """Median seconds per step over --repeats runs of --steps steps, after --warmup steps (and
+    3 more when compiled: the first calls compile, and a guard may recompile once)."""
+    for _ in range(args.warmup + (3 if compiled else 0)):
         step()
     sync(device)
     runs = []
@@ -172,7 +173,7 @@ def bench_models(args, device):
                 step = make_step(module, loss_fn, trains, images, precision, use_compile, device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                seconds = time_step(step, args, device)
+                seconds = time_step(step, args, device, use_compile)
                 peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 \
                     if device.type == "cuda" else None
                 achieved = flops / seconds / 1e12  # TFLOP/s
