@@ -296,6 +296,21 @@ def make_loader(dataset, batch_size, epoch, seed, rank=0, world_size=1, num_work
                       generator=generator)
 
 
+def good_batches(loader, limit, batch_size, counts):
+    """The first `limit` batches of a loader of (images, labels, n_bad) as (index, images,
+    labels), leaving out batches with no readable image. counts = {"skipped_images",
+    "seen_images"} is updated in place (it goes into checkpoints), and the run stops with
+    check_bad_images when too many are bad."""
+    for it, (imgs, labels, n_bad) in enumerate(loader):
+        if it >= limit:
+            break
+        counts["skipped_images"] += n_bad
+        counts["seen_images"] += batch_size
+        check_bad_images(counts["skipped_images"], counts["seen_images"])
+        if imgs is not None:
+            yield it, imgs, labels
+
+
 def check_bad_images(skipped, seen, max_fraction=0.01, tolerance=10):
     """Stop when unreadable images are more than a small fraction of those seen."""
     if skipped > max(tolerance, max_fraction * seen):

@@ -478,17 +478,14 @@ def train(args):
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = build_optimizer(args, module, lr, device)
     mixing = build_mixing(args, num_classes)
-    start_epoch, step, best, skipped, seen = 0, 0, {"top1": -1.0}, 0, 0
+    start_epoch, step, best = 0, 0, {"top1": -1.0}
+    counts = {"skipped_images": 0, "seen_images": 0}
     if args.resume:
-        ckpt = plumbing.load_checkpoint(args.resume)
-        changed = [a for a in ARCH_ARGS if ckpt["args"].get(a) != getattr(args, a)]
-        if changed:
-            raise plumbing.RunError(f"--resume {args.resume} was trained with different "
-                                    f"{', '.join(changed)}; pass the same flags as that run")
+        ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-        skipped, seen = ckpt["skipped_images"], ckpt["seen_images"]
+        counts = {k: ckpt[k] for k in counts}
         plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
     model = plumbing.wrap_ddp(compiled, device)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
@@ -509,13 +506,8 @@ def train(args):
                                   args.num_workers, pin_memory=device.type == "cuda")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
-        for it, (imgs, labels, n_bad) in enumerate(bar):
-            if it >= steps_per_epoch * args.accum_iter:
-                break
-            skipped, seen = skipped + n_bad, seen + args.batch_size
-            data.check_bad_images(skipped, seen)
-            if imgs is None:
-                continue
+        for it, imgs, labels in data.good_batches(bar, steps_per_epoch * args.accum_iter,
+                                                  args.batch_size, counts):
             if it % args.accum_iter == 0:
                 plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
                                                               lr, args.min_lr))
@@ -554,7 +546,7 @@ def train(args):
         if is_main:
             state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                      "epoch": epoch, "step": step, "args": vars(args), "best": best,
-                     "metrics": result, "skipped_images": skipped, "seen_images": seen}
+                     "metrics": result, **counts}
             plumbing.save_checkpoint(state, last_path)
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 plumbing.save_checkpoint(state, os.path.join(args.out_dir,

@@ -522,11 +522,11 @@ def step_losses(model, imgs, mask_ratio, distilling):
     return loss, loss, torch.zeros_like(loss)
 
 
-def checkpoint_state(module, student, optimizer, epoch, step, args, skipped, seen):
+def checkpoint_state(module, student, optimizer, epoch, step, args, counts):
     """A plain dict: `model` holds the student MAE alone (FAIR keys, what fine-tuning loads);
     `distill` the head maps / extra blocks, needed only to resume pre-training."""
     state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "step": step, "args": vars(args), "skipped_images": skipped, "seen_images": seen}
+             "step": step, "args": vars(args), **counts}  # counts: skipped / seen images
     if module is not student:
         state["distill"] = module.distiller.state_dict()
     return state
@@ -560,19 +560,15 @@ def train(args):
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(plumbing.param_groups(module, args.weight_decay), lr=lr,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
-    start_epoch, step, skipped, seen = 0, 0, 0, 0
+    start_epoch, step, counts = 0, 0, {"skipped_images": 0, "seen_images": 0}
     if args.resume:
-        ckpt = plumbing.load_checkpoint(args.resume)
-        changed = [a for a in ARCH_ARGS if ckpt["args"].get(a) != getattr(args, a)]
-        if changed:
-            raise plumbing.RunError(f"--resume {args.resume} was trained with different "
-                                    f"{', '.join(changed)}; pass the same flags as that run")
+        ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
         student.load_state_dict(ckpt["model"])
         if distilling:
             module.distiller.load_state_dict(ckpt["distill"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        skipped, seen = ckpt["skipped_images"], ckpt["seen_images"]
+        counts = {k: ckpt[k] for k in counts}
         plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
     partial = student.recon_layer < student.depth  # some trainable weights may get no gradient
     model = plumbing.wrap_ddp(plumbing.maybe_compile(module, use_compile), device, partial)
@@ -591,13 +587,8 @@ def train(args):
             pin_memory=device.type == "cuda")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
-        for it, (imgs, _, n_bad) in enumerate(bar):
-            if it >= steps_per_epoch * args.accum_iter:
-                break
-            skipped, seen = skipped + n_bad, seen + args.batch_size
-            data.check_bad_images(skipped, seen)
-            if imgs is None:
-                continue
+        for it, imgs, _ in data.good_batches(bar, steps_per_epoch * args.accum_iter,
+                                             args.batch_size, counts):
             if it % args.accum_iter == 0:
                 plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
                                                               lr, args.min_lr))
@@ -619,7 +610,7 @@ def train(args):
                 extra = {"recon_loss": means[1], "distill_loss": means[2]} if distilling else {}
                 log.write(step=step, epoch=epoch + 1, loss=means[0], **extra,
                           lr=plumbing.current_lr(optimizer),
-                          images_per_s=rate, skipped_images=skipped)
+                          images_per_s=rate, skipped_images=counts["skipped_images"])
                 bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{rate:.0f}")
                 loss_sums.zero_()
                 loss_count, images_since_log, t0 = 0, 0, time.time()
@@ -627,13 +618,13 @@ def train(args):
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
                                   step, last_path)
         if is_main:
-            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, skipped, seen)
+            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, counts)
             plumbing.save_checkpoint(ckpt, last_path)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,
                                                             f"checkpoint-{epoch + 1}.pth"))
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, "
-                            f"skipped images {skipped}, saved {last_path}")
+                            f"skipped images {counts['skipped_images']}, saved {last_path}")
 
     if is_main and student.recon_layer:  # no figure when the decoder was not trained
         png = os.path.join(args.out_dir, "reconstruction.png")

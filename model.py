@@ -187,6 +187,26 @@ class Block(nn.Module):
         return x, logits
 
 
+def run_block_list(blocks, x, depth=None, return_blocks=(), return_attn=()):
+    """Run blocks 1..depth (all by default) of a ModuleList of blocks returning (x, logits),
+    keeping the outputs / attention logits of the 1-indexed blocks asked for (block 0 in
+    return_blocks is the input). Returns (x, {block: output}, {block: logits})."""
+    depth = len(blocks) if depth is None else depth
+    if not 0 <= depth <= len(blocks):
+        raise ValueError(f"depth {depth} is outside 0..{len(blocks)}")
+    for b in list(return_blocks) + list(return_attn):
+        if not (0 if b in return_blocks else 1) <= b <= depth:
+            raise ValueError(f"block {b} is outside the blocks run (1..{depth})")
+    block_out, attn_logits = ({0: x} if 0 in return_blocks else {}), {}
+    for i, block in enumerate(blocks[:depth], start=1):
+        x, logits = block(x, return_logits=i in return_attn)
+        if i in return_attn:
+            attn_logits[i] = logits
+        if i in return_blocks:
+            block_out[i] = x
+    return x, block_out, attn_logits
+
+
 def init_mae_weights(module):
     """MAE initialisation: xavier_uniform Linear weights, zero biases, LayerNorm 1/0."""
     for m in module.modules():
@@ -266,20 +286,7 @@ class ViT(nn.Module):
         blocks past `depth` are never run.
         Returns (x, {block: output}, {block: logits}); x is the raw output of block `depth`.
         """
-        depth = self.depth if depth is None else depth
-        if not 0 <= depth <= self.depth:
-            raise ValueError(f"depth {depth} is outside 0..{self.depth}")
-        for b in list(return_blocks) + list(return_attn):
-            if not (0 if b in return_blocks else 1) <= b <= depth:
-                raise ValueError(f"block {b} is outside the blocks run (1..{depth})")
-        block_out, attn_logits = ({0: x} if 0 in return_blocks else {}), {}
-        for i, block in enumerate(self.blocks[:depth], start=1):
-            x, logits = block(x, return_logits=i in return_attn)
-            if i in return_attn:
-                attn_logits[i] = logits
-            if i in return_blocks:
-                block_out[i] = x
-        return x, block_out, attn_logits
+        return run_block_list(self.blocks, x, depth, return_blocks, return_attn)
 
     def forward_features(self, imgs, depth=None, return_blocks=(), return_attn=()):
         """Images -> (tokens after block `depth`, {block: output}, {block: logits})."""
@@ -540,15 +547,7 @@ class Hiera(nn.Module):
 
     def run_blocks(self, x, depth=None, return_blocks=(), return_attn=()):
         """Blocks 1..depth on unrolled tokens; returns (x, {block: output}, {block: logits})."""
-        depth = self.depth if depth is None else depth
-        block_out, attn_logits = ({0: x} if 0 in return_blocks else {}), {}
-        for i, block in enumerate(self.blocks[:depth], start=1):
-            x, logits = block(x, return_logits=i in return_attn)
-            if i in return_attn:
-                attn_logits[i] = logits
-            if i in return_blocks:
-                block_out[i] = x
-        return x, block_out, attn_logits
+        return run_block_list(self.blocks, x, depth, return_blocks, return_attn)
 
     def forward_features(self, imgs, mask=None, depth=None, return_blocks=(), return_attn=()):
         return self.run_blocks(self.embed(imgs, mask), depth, return_blocks, return_attn)

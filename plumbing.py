@@ -167,8 +167,10 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args")):
-    """Read a training checkpoint of ours for --resume; a clear error if it is not one."""
+def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args"), args=None,
+                    same_args=()):
+    """Read a training checkpoint of ours for --resume; a clear error if it is not one, or if it
+    was trained with other values of the flags named in same_args (compared with `args`)."""
     if not os.path.isfile(path):
         raise RunError(f"checkpoint {path} does not exist: check --resume")
     try:
@@ -180,6 +182,10 @@ def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args
     if missing:
         raise RunError(f"{path} is not a nanoMIM training checkpoint (no {', '.join(missing)}); "
                        "--resume continues our own runs only")
+    changed = [a for a in same_args if ckpt["args"].get(a) != getattr(args, a)]
+    if changed:
+        raise RunError(f"--resume {path} was trained with different {', '.join(changed)}; pass "
+                       "the same flags as that run")
     return ckpt
 
 
