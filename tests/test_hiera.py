@@ -209,3 +209,19 @@ def test_distillation_from_a_hiera_teacher(tmp_path, capsys):
     with pytest.raises(SystemExit, match="do not attend over the same tokens"):
         mae.main(run + teacher + ["--distill-layer", "3", "--teacher-layer", "12",
                                   "--out-dir", str(tmp_path / "bad")])
+
+
+def test_hiera_mae_under_torchrun_on_cpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "mae.py", "--model", "hiera_tiny_lite", "--synthetic-size", "32", "--batch-size", "8",
+         "--num-workers", "0", "--log-every", "1", "--epochs", "1", "--out-dir", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2]  # 32 images / (8 x 2 processes)
