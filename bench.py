@@ -200,7 +200,8 @@ def bench_models(args, device):
 
 def paired_speedup(ours, baseline, args, device):
     """Median over --repeats of (baseline time / our time), the two timed back to back in each
-    repeat, so that drifts of a shared machine cancel (separate runs differ by ~10% on CPU)."""
+    repeat, so that drifts of a shared machine cancel (separate runs differ by up to ~20% on
+    CPU)."""
     ratios = []
     for _ in range(args.repeats):
         times = []
@@ -291,7 +292,8 @@ def print_table(rows, loader_rows, device):
 def get_parser():
     p = argparse.ArgumentParser(description="Benchmark nanoMIM's training steps and loaders.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--benches", default=",".join(BENCHES), help="comma list of " + ", ".join(BENCHES))
+    p.add_argument("--benches", default=",".join(BENCHES),
+                   help="comma list of " + ", ".join(BENCHES))
     p.add_argument("--img-size", type=int, default=None, help="default 224 on CUDA, 64 on CPU")
     p.add_argument("--patch-size", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 16 on CPU")

@@ -10,6 +10,7 @@ import os
 import random
 import struct
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -326,6 +327,10 @@ def check_bad_images(skipped, seen, max_fraction=0.01, tolerance=10):
 # sampler order, unreadable files skipped and counted.
 
 
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency); say it once.
+warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+
+
 class FileBytes(Dataset):
     """(raw file bytes as a 1-D uint8 tensor, label) for each image of an image folder."""
 
@@ -354,11 +359,8 @@ def decode_images(blobs, device):
     """Decode a batch of encoded images to RGB uint8 (3, H, W) tensors on `device`: all JPEGs in
     one batched call (nvJPEG on CUDA); if that fails, one by one, other formats through
     decode_image on the CPU. Returns (images, ok) with None for an undecodable blob."""
-    import warnings
-
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # 0.29: TorchCodec
     try:
         images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
         return images, [True] * len(blobs)

@@ -321,8 +321,7 @@ def validate_hiera_layout(student, teacher, student_layers, teacher_layers, targ
     imgs = torch.zeros(1, 3, *student.img_size)
     keep = student.random_unit_mask(1, 0.5)
     with torch.no_grad():
-        _, s_out, _ = Hiera.forward_features(student, imgs, keep, max(student_layers),
-                                             student_layers)
+        _, s_out, _ = student.forward_features(imgs, keep, max(student_layers), student_layers)
         _, t_out, _ = teacher.forward_features(imgs, keep, max(teacher_layers), teacher_layers)
     for s, t in zip(student_layers, teacher_layers):
         s_tok, t_tok = s_out[s].shape[1], t_out[t].shape[1]
