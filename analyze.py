@@ -158,20 +158,26 @@ def attention_entropy(probs):
 
 
 def token_distances(grid_hw, patch_size):
-    """(N, N) Euclidean distance between the centres of patch tokens, in pixels."""
+    """(N, N) Euclidean distance between the centres of patch tokens on the grid, times
+    patch_size (pixels when it is the patch size in pixels)."""
     rows, cols = grid_hw
     ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()  # (N, 2), row-major
     return torch.cdist(pos, pos) * patch_size
 
 
-def attention_distance(probs, grid_hw, patch_size, order=None):
-    """probs (B, heads, N, N) -> (heads,) mean attention distance sum_j p_ij G_ij in PIXELS
-    (grid distance x patch size), averaged over queries and images. Note: the published analysis
-    code normalises distances by the grid width instead of using pixels; divide ours by
-    patch_size for grid units. order: raster index of each token when they are not in raster
-    order (Hiera)."""
-    G = token_distances(grid_hw, patch_size)  # (N, N)
+# The published analysis code (MAE-Lite's attn_analyzer.py) multiplies the distance on the
+# token grid by a fixed 14, whatever the patch size: the papers' figures are in these units.
+PAPER_DISTANCE_SCALE = 14
+
+
+def attention_distance(probs, grid_hw, patch_size, order=None, unit="pixels"):
+    """probs (B, heads, N, N) -> (heads,) mean attention distance sum_j p_ij G_ij, averaged over
+    queries and images. unit "pixels": G = grid distance x patch size; unit "paper": G = grid
+    distance x 14, the units of the papers' figures (for 16-px patches, pixels x 14 / 16).
+    order: raster index of each token when they are not in raster order (Hiera)."""
+    scale = {"pixels": patch_size, "paper": PAPER_DISTANCE_SCALE}[unit]
+    G = token_distances(grid_hw, scale)  # (N, N)
     if order is not None:
         G = G[order][:, order]
     G = G.to(probs.device, probs.dtype)
@@ -365,6 +371,7 @@ def run_attn(args, device):
     if not vits:
         raise ValueError("give --ckpt and/or --random-init")
     result = {}
+    distance_key = {"pixels": "distance_px", "paper": "distance_paper_units"}[args.distance_unit]
     for label, vit in zip(labels, vits):
         vit = vit.to(device)
         if hasattr(vit, "stage_ends"):
@@ -376,18 +383,21 @@ def run_attn(args, device):
             if imgs is None:
                 continue
             for block, probs in attention_maps(vit, imgs.to(device)).items():
-                dist = attention_distance(probs, *block_geometry(vit, block)) * len(imgs)
+                dist = attention_distance(probs, *block_geometry(vit, block),
+                                          unit=args.distance_unit) * len(imgs)
                 ent = attention_entropy(probs) * len(imgs)
                 prev = sums.get(block, (0, 0))
                 sums[block] = (prev[0] + dist.cpu(), prev[1] + ent.cpu())
             count += len(imgs)
-        result[label] = {"blocks": sorted(sums), "distance_px": [(sums[b][0] / count).tolist() for b in sorted(sums)],
+        result[label] = {"blocks": sorted(sums),
+                         distance_key: [(sums[b][0] / count).tolist() for b in sorted(sums)],
                          "entropy_nats": [(sums[b][1] / count).tolist() for b in sorted(sums)]}
     with open(os.path.join(args.out_dir, "attn.json"), "w") as f:
         json.dump({"layers": "blocks 1..depth; per block one value per head", **result}, f,
                   indent=1)
-    draw_boxplots({k: v["distance_px"] for k, v in result.items()}, labels,
-                  "attention distance (pixels)", os.path.join(args.out_dir, "attn_distance.png"),
+    unit_name = {"pixels": "pixels", "paper": "grid x 14, the papers' units"}[args.distance_unit]
+    draw_boxplots({k: v[distance_key] for k, v in result.items()}, labels,
+                  f"attention distance ({unit_name})", os.path.join(args.out_dir, "attn_distance.png"),
                   result[labels[0]]["blocks"])
     draw_boxplots({k: v["entropy_nats"] for k, v in result.items()}, labels,
                   "attention entropy (nats)", os.path.join(args.out_dir, "attn_entropy.png"),
@@ -424,6 +434,9 @@ def get_parser():
     attn.add_argument("--model", nargs="+", default=["vit_tiny"],
                       help="architecture, one for all or one per checkpoint")
     attn.add_argument("--labels", nargs="+", default=None, help="legend labels")
+    attn.add_argument("--distance-unit", default="pixels", choices=["pixels", "paper"],
+                      help="pixels (grid distance x patch size) or the papers' figures' units "
+                           "(grid distance x 14, as their analysis code)")
     return p
 
 

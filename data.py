@@ -21,6 +21,9 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Crop interpolation choices: "random" draws bilinear or bicubic per image (timm's "random").
+INTERPOLATIONS = {"bicubic": [InterpolationMode.BICUBIC], "bilinear": [InterpolationMode.BILINEAR],
+                  "random": [InterpolationMode.BILINEAR, InterpolationMode.BICUBIC]}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 DATASETS = ("synthetic", "imagefolder", "fashion_mnist", "cifar10", "cifar100", "flowers102",
             "pets", "aircraft", "cars")
@@ -36,17 +39,37 @@ class DataError(ValueError):
 # Transforms
 
 
-def pretrain_transform(img_size, min_scale=0.2):
-    """MAE pre-training augmentation: RandomResizedCrop(min_scale-1, bicubic), flip, normalise.
-    FAIR MAE crops with min_scale 0.2; MAE-Lite's published code uses 0.08."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC,
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def pretrain_transform(img_size, min_scale=0.2, interpolation="bicubic", student_color_jitter=0.0):
+    """MAE pre-training augmentation: RandomResizedCrop(min_scale-1), flip, normalise.
+
+    FAIR MAE crops with min_scale 0.2, bicubic; MAE-Lite's code (the papers' MAE-Tiny, D-MAE,
+    D^2-MAE) with 0.08 and interpolation "random" (bilinear or bicubic, drawn per image, timm's).
+    student_color_jitter > 0 (TinyMIM) returns a (2, C, S, S) pair [teacher view, student view]
+    of the same crop and flip, with ColorJitter(j, j, j) on the student's view only."""
+    crop = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=mode,
+                                 antialias=True) for mode in INTERPOLATIONS[interpolation]]
+    geometry = v2.Compose([crop[0] if len(crop) == 1 else v2.RandomChoice(crop),
+                           v2.RandomHorizontalFlip()])
+    to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if student_color_jitter <= 0:
+        return v2.Compose([geometry, to_tensor])
+    return TwoViews(geometry, to_tensor, v2.ColorJitter(*(3 * [student_color_jitter])))
+
+
+class TwoViews:
+    """TinyMIM's pair from one image: a shared crop and flip, then [teacher view, student view],
+    only the student's colour-jittered (brightness, contrast, saturation). A class, not a
+    closure, so that loader workers can pickle it."""
+
+    def __init__(self, geometry, to_tensor, jitter):
+        self.geometry = geometry
+        self.to_tensor = to_tensor
+        self.jitter = jitter
+
+    def __call__(self, img):
+        img = self.geometry(img)
+        return torch.stack([self.to_tensor(img), self.to_tensor(self.jitter(img))])  # (2, C, S, S)
 
 
 def eval_transform(img_size):
@@ -396,16 +419,19 @@ def crop_box(height, width, scale, ratio=(3 / 4, 4 / 3)):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def device_augment(images, img_size, min_scale):
+def device_augment(images, img_size, min_scale, interpolation="bicubic"):
     """MAE's pre-training augmentation on decoded uint8 images (each (3, H, W), any size, on
-    the device): RandomResizedCrop (bicubic, antialiased) to img_size, horizontal flip with
-    probability 0.5, ImageNet normalisation. Returns (B, 3, S, S) float32."""
+    the device): RandomResizedCrop (antialiased; bicubic, bilinear, or "random": one of the two
+    per image) to img_size, horizontal flip with probability 0.5, ImageNet normalisation.
+    Returns (B, 3, S, S) float32."""
     crops = []
     for img in images:
         top, left, h, w = crop_box(img.shape[1], img.shape[2], (min_scale, 1.0))
+        modes = INTERPOLATIONS[interpolation]
+        mode = modes[torch.randint(len(modes), ()).item()] if len(modes) > 1 else modes[0]
         crop = img[None, :, top:top + h, left:left + w].float()  # (1, 3, h, w)
         crops.append(torch.nn.functional.interpolate(crop, size=(img_size, img_size),
-                                                     mode="bicubic", antialias=True))
+                                                     mode=mode.value, antialias=True))
     x = torch.cat(crops).clamp_(0, 255)  # (B, 3, S, S), bicubic may overshoot
     flip = (torch.rand(len(images)) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -421,10 +447,11 @@ class DeviceLoader:
     the training loop), so a resumed run sees the same crops."""
 
     def __init__(self, root, batch_size, seed, device, img_size, min_scale=0.2, rank=0,
-                 world_size=1, num_workers=4, split="train"):
+                 world_size=1, num_workers=4, split="train", interpolation="bicubic"):
         folder = _imagefolder(root, split)
         self.dataset = FileBytes(folder.samples)
         self.device, self.img_size, self.min_scale = device, img_size, min_scale
+        self.interpolation = interpolation
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
@@ -451,5 +478,6 @@ class DeviceLoader:
             if not keep:
                 yield None, None, n_bad
                 continue
-            imgs = device_augment([images[i] for i in keep], self.img_size, self.min_scale)
+            imgs = device_augment([images[i] for i in keep], self.img_size, self.min_scale,
+                                  self.interpolation)
             yield imgs, labels[keep].to(self.device, non_blocking=True), n_bad

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import HIERA_CONFIGS, Hiera, ViT, build_model, load_pretrained
+from model import HIERA_CONFIGS, Hiera, ViT, build_model, init_mae_weights, load_pretrained
 
 
 class DistillError(ValueError):
@@ -59,9 +59,20 @@ def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2):
     return teacher.eval()
 
 
-def default_teacher_layer(student_layer, student_depth, teacher_depth):
-    """The teacher block at the same relative depth: 12 -> 12 for ViT-B, 12 -> 24 for ViT-L."""
-    return max(1, round(student_layer * teacher_depth / student_depth))
+def default_teacher_layer(student_layer, student_depth, teacher_depth, target="attn",
+                          hiera=False):
+    """The teacher block the papers' code pairs with a student block:
+      attention / representations (MAE-Lite): the same block index, 12 -> 12 of ViT-B and of
+        ViT-L (the papers' ViT-L rows);
+      relations (TinyMIM): block 18 of a 24-block ViT-L for the student's last block (TinyMIM's
+        `intermediate=18`), else the same index (12 of ViT-B);
+      Hiera (MAE-Lite's Hiera distillation): the same relative depth, 12 of hiera_tiny_lite ->
+        24 of hiera_base, so that both blocks see the same stage-4 tokens."""
+    if hiera:
+        return max(1, round(student_layer * teacher_depth / student_depth))
+    if target == "relation" and student_layer == student_depth and teacher_depth == 24:
+        return 18
+    return min(student_layer, teacher_depth)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,12 +128,18 @@ def relation_distill_loss(student_qkv, teacher_qkv):
 
 class AttentionOnly(nn.Module):
     """D^2-MAE's extra block: norm1 + qkv applied to a block's output, only during
-    pre-training. Its attention (or relations) is what gets distilled."""
+    pre-training. Its attention (or relations) is what gets distilled. Initialised as the
+    published 13th block, which is built as an MAE block: xavier-uniform qkv, zero bias."""
 
     def __init__(self, dim):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.qkv = nn.Linear(dim, dim * 3)
+        init_mae_weights(self)
+
+    def forward(self, x):
+        """(B, N, D) block output -> (B, N, 3D) q, k, v channels."""
+        return self.qkv(self.norm1(x))
 
 
 def split_heads(qkv, heads):
@@ -235,12 +252,13 @@ class DistilledMAE(nn.Module):
         attention-only block on block L's output (D^2-MAE), else block L's own on its input."""
         extra = getattr(self.distiller[str(s_layer)], "extra", None)
         if extra is not None:
-            return extra.qkv(extra.norm1(block_out[s_layer]))
+            return extra(block_out[s_layer])
         block = self.student.blocks[s_layer - 1]
         return block.attn.qkv(block.norm1(block_out[s_layer - 1]))
 
     def distill_loss(self, block_out, attn_logits, teacher_feats):
-        """Mean over the distilled layers of the chosen target's loss."""
+        """Sum over the distilled layers of the chosen target's loss, as the papers' code
+        (MAE-Lite adds each layer's MSE; `--distill-layer 1,...,12` weighs 12 layers 12 times)."""
         total = 0.0
         for s_layer, t_layer in self.layers:
             parts, target = self.distiller[str(s_layer)], teacher_feats[t_layer]
@@ -260,10 +278,13 @@ class DistilledMAE(nn.Module):
                 qkv = split_heads(self.student_qkv(s_layer, block_out), self.teacher.num_heads)
                 loss = relation_distill_loss(qkv, target)
             total = total + loss
-        return total / len(self.layers)
+        return total
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, teacher_imgs=None):
+        """teacher_imgs: the teacher's view of the same crop (TinyMIM: without the student's
+        colour jitter); None: the student's images."""
         student = self.student  # an mae.MAE or mae.HieraMAE
+        teacher_imgs = imgs if teacher_imgs is None else teacher_imgs
         blocks, attn = self.student_requests()
         if isinstance(student, Hiera):  # the teacher sees the student's kept mask units
             latent, keep, (block_out, attn_logits) = student.forward_encoder(
@@ -271,7 +292,7 @@ class DistilledMAE(nn.Module):
             pred = student.forward_decoder(latent, keep)
             recon_loss = student.forward_loss(imgs, pred, student.removed_patches(keep))
             with torch.no_grad():
-                teacher_feats = self.teacher_features(imgs, keep)
+                teacher_feats = self.teacher_features(teacher_imgs, keep)
             distill_loss = self.distill_loss(block_out, attn_logits, teacher_feats)
             return recon_loss + self.weight * distill_loss, recon_loss, distill_loss
         latent, mask, ids_restore, ids_keep, (block_out, attn_logits) = student.forward_encoder(
@@ -281,7 +302,7 @@ class DistilledMAE(nn.Module):
             pred = student.forward_decoder(latent, ids_restore)
             recon_loss = student.forward_loss(imgs, pred, mask)
         with torch.no_grad():
-            teacher_feats = self.teacher_features(imgs, ids_keep)
+            teacher_feats = self.teacher_features(teacher_imgs, ids_keep)
         distill_loss = self.distill_loss(block_out, attn_logits, teacher_feats)
         return recon_loss + self.weight * distill_loss, recon_loss, distill_loss
 

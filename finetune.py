@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 import torchvision.transforms.v2 as v2
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
@@ -36,26 +38,31 @@ from model import (HIERA_CONFIGS, PRESETS, VIT_CONFIGS, CheckpointError, build_m
 RECIPES = {
     # 000 Tab. A1 / 003 Tab. S1: the improved ViT-Tiny recipe. Colour jitter 0.3 is listed, but
     # timm's transform (which the papers' code calls) skips it when RandAugment is on; so do we.
+    # MAE-Lite fine-tunes timm's ViT: every Linear, the head included, starts trunc-normal 0.02.
     "impr": dict(opt="adamw", blr=1e-3, weight_decay=0.05, layer_decay=0.85, epochs=300,
                  warmup_epochs=5, min_lr=1e-6, batch_size=256, rand_aug=10, rand_aug_std=0.5,
                  color_jitter=0.3, mixup=0.2, cutmix=0.0, smoothing=0.0, drop_path=0.0,
-                 reprob=0.0, global_pool="avg"),
+                 reprob=0.0, global_pool="avg", clip_grad=None, head_init_std=0.02),
     # FAIR MAE's fine-tuning defaults (main_finetune.py with its ViT-B command line).
+    # FAIR re-initialises the head with std 2e-5 (main_finetune.py).
     "mae": dict(opt="adamw", blr=5e-4, weight_decay=0.05, layer_decay=0.65, epochs=100,
                 warmup_epochs=5, min_lr=1e-6, batch_size=128, rand_aug=9, rand_aug_std=0.5,
                 color_jitter=0.0, mixup=0.8, cutmix=1.0, smoothing=0.1, drop_path=0.1,
-                reprob=0.25, global_pool="avg"),
-    # 000 Tab. A3 / 003 Tab. S2: small datasets. SGD, absolute lr swept (--lr 0.01,0.03,0.1),
-    # epochs and warmup per dataset from the table (e.g. Flowers 150/30, Cars 50/10).
-    "transfer": dict(opt="sgd", lr="0.01,0.03,0.1", weight_decay=0.0, layer_decay=1.0,
-                     epochs=100, warmup_epochs=20, min_lr=0.0, batch_size=512, rand_aug=0,
+                reprob=0.25, global_pool="avg", clip_grad=None, head_init_std=2e-5),
+    # 000 Tab. A3 / 003 Tab. S2: small datasets. MAE-Lite's finetuning_transfer_exp.py:
+    # Nesterov SGD (momentum 0.9), gradient norm clipped at 1.0, min lr 1e-6, layer decay 0.75
+    # (the papers' sweep also tries 1.0); absolute lr swept (--lr 0.01,0.03,0.1); epochs and
+    # warmup per dataset from the table (e.g. Flowers 150/30, Cars 50/10).
+    "transfer": dict(opt="sgd", lr="0.01,0.03,0.1", weight_decay=0.0, layer_decay=0.75,
+                     epochs=100, warmup_epochs=20, min_lr=1e-6, batch_size=512, rand_aug=0,
                      rand_aug_std=0.0, color_jitter=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
-                     drop_path=0.0, reprob=0.0, global_pool="avg"),
+                     drop_path=0.0, reprob=0.0, global_pool="avg", clip_grad=1.0,
+                     head_init_std=0.02),
     # FAIR MAE's linear probing: frozen backbone, BatchNorm1d(affine=False) + Linear, LARS.
     "linprobe": dict(opt="lars", blr=0.1, weight_decay=0.0, layer_decay=1.0, epochs=90,
                      warmup_epochs=10, min_lr=0.0, batch_size=1024, rand_aug=0, rand_aug_std=0.0,
                      color_jitter=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0,
-                     reprob=0.0, global_pool="token"),
+                     reprob=0.0, global_pool="token", clip_grad=None, head_init_std=0.01),
 }
 # Smaller settings when --data synthetic (the CPU demo and the tests).
 SYNTHETIC = dict(img_size=32, patch_size=4, batch_size=64, epochs=10, warmup_epochs=1)
@@ -83,8 +90,8 @@ def layer_decay_scale(name, depth, decay):
 
 
 def reinit_blocks(model, fresh, keep):
-    """Keep blocks 1..keep (1-indexed) as loaded; the rest take the weights of `fresh`, a newly
-    built model of the same shape (so they are initialised exactly as training from scratch)."""
+    """Keep blocks 1..keep (1-indexed) as loaded; the rest take the weights of `fresh`, the
+    same model before loading (so they are initialised exactly as training from scratch)."""
     for block, new in zip(model.blocks[keep:], fresh.blocks[keep:]):
         block.load_state_dict(new.state_dict())
 
@@ -106,11 +113,29 @@ def build_classifier(args, num_classes):
     return model
 
 
-def init_head(model, linprobe):
-    """MAE: trunc-normal head, std 2e-5 for fine-tuning, 0.01 for linear probing; zero bias."""
+def init_head(model, linprobe, std):
+    """Trunc-normal head weights of the recipe's std (timm / MAE-Lite 0.02, FAIR MAE 2e-5,
+    linear probing 0.01), zero bias."""
     linear = model.head[1] if linprobe else getattr(model.head, "projection", model.head)
-    nn.init.trunc_normal_(linear.weight, std=0.01 if linprobe else 2e-5)
+    nn.init.trunc_normal_(linear.weight, std=std)
     nn.init.zeros_(linear.bias)
+
+
+def init_like_timm(model):
+    """timm's ViT initialisation, which the papers' from-scratch baselines get (MAE-Lite and
+    FAIR fine-tune timm's VisionTransformer): trunc-normal std 0.02 for every Linear (the head
+    included), for cls_token and for pos_embed (a learned, random position embedding), zero
+    biases, LayerNorm 1 / 0, PyTorch's default init for the patch-embedding conv."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    model.patch_embed.proj.reset_parameters()
+    nn.init.trunc_normal_(model.cls_token, std=0.02)
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
 
 
 def freeze_backbone(model):
@@ -122,19 +147,71 @@ def freeze_backbone(model):
 # Data: augmentation, mixup / cutmix, evaluation
 
 
-class RandAugmentStd(v2.RandAugment):
-    """RandAugment on timm's magnitude scale (0..10, 10 the strongest op), the magnitude drawn per
-    image from N(magnitude, std) and clipped, as timm's rand-m10-mstd0.5."""
+# RandAugment as the papers' fine-tuning code calls it: timm's "rand-m10-mstd0.5-inc1" (impr)
+# or "rand-m9-mstd0.5-inc1" (FAIR's mae recipe). The "increasing" op set (no Identity; Invert
+# and SolarizeAdd in), each op's strength growing with the level on a 0-10 scale.
+RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+            "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+            "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+            "TranslateYRel")
+MEAN_PIXEL = tuple(round(255 * m) for m in data.IMAGENET_MEAN)  # (124, 116, 104): timm's fill
 
-    def __init__(self, magnitude, std):
-        super().__init__(num_ops=2, magnitude=int(magnitude), num_magnitude_bins=11,
-                         interpolation=InterpolationMode.BILINEAR)
-        self.mean, self.std = magnitude, std
 
-    def forward(self, *inputs):
-        m = self.mean + self.std * torch.randn(()).item() if self.std > 0 else self.mean
-        self.magnitude = int(round(min(10.0, max(0.0, m))))
-        return super().forward(*inputs)
+def rand_op(img, name, level, sign=1.0, resample=Image.BICUBIC, fill=MEAN_PIXEL):
+    """One op of RAND_OPS on an RGB PIL image at `level` in [0, 10] (timm's level-to-argument
+    maps), `sign` +1 or -1 for the ops that have a direction. Shears and translations call PIL's
+    affine transform with timm's matrix (about the top-left corner); torchvision's affine would
+    rebuild it from angles and differ in the last bit."""
+    m = level / 10
+    if name == "AutoContrast":
+        return TF.autocontrast(img)
+    if name == "Equalize":
+        return TF.equalize(img)
+    if name == "Invert":
+        return TF.invert(img)
+    if name == "Rotate":  # about the centre, up to 30 degrees
+        return TF.rotate(img, sign * m * 30, resample, fill=fill)  # Pillow's constant is accepted
+    if name == "PosterizeIncreasing":  # keep 4 .. 0 bits; 0 bits is black, as Pillow < 10 did
+        bits = 4 - int(m * 4)
+        return TF.posterize(img, bits) if bits > 0 else Image.new(img.mode, img.size)
+    if name == "SolarizeIncreasing":  # invert pixels >= 256 .. 0
+        return TF.solarize(img, 256 - min(256, int(m * 256)))
+    if name == "SolarizeAdd":  # add up to 110 to pixels below 128
+        add = min(128, int(m * 110))
+        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+    factor = max(0.1, 1.0 + sign * m * 0.9)  # the enhance ops: factor in [0.1, 1.9]
+    enhance = {"ColorIncreasing": TF.adjust_saturation, "ContrastIncreasing": TF.adjust_contrast,
+               "BrightnessIncreasing": TF.adjust_brightness,
+               "SharpnessIncreasing": TF.adjust_sharpness}
+    if name in enhance:
+        return enhance[name](img, factor)
+    shift = sign * m * 0.45  # translations: up to 45% of the side
+    matrix = {"ShearX": (1, sign * m * 0.3, 0, 0, 1, 0), "ShearY": (1, 0, 0, sign * m * 0.3, 1, 0),
+              "TranslateXRel": (1, 0, shift * img.size[0], 0, 1, 0),
+              "TranslateYRel": (1, 0, 0, 0, 1, shift * img.size[1])}[name]
+    return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
+class RandAugment:
+    """timm's RandAugment (rand-m{magnitude}-mstd{std}-inc1) on PIL images: num_ops ops drawn
+    with replacement from RAND_OPS, each applied with probability `prob`, each with its own
+    level drawn from N(magnitude, std) and clipped to [0, 10], and its own random sign; fill is
+    the mean pixel, resampling bicubic. About 1 op per image on average (2 x 0.5)."""
+
+    def __init__(self, magnitude=10, std=0.5, num_ops=2, prob=0.5):
+        self.magnitude = magnitude
+        self.std = std
+        self.num_ops = num_ops
+        self.prob = prob
+
+    def __call__(self, img):
+        for index in torch.randint(len(RAND_OPS), (self.num_ops,)).tolist():
+            if torch.rand(()).item() >= self.prob:
+                continue
+            level = self.magnitude + self.std * torch.randn(()).item()
+            sign = -1.0 if torch.rand(()).item() < 0.5 else 1.0
+            img = rand_op(img, RAND_OPS[index], min(10.0, max(0.0, level)), sign)
+        return img
 
 
 def train_transform(args):
@@ -144,7 +221,7 @@ def train_transform(args):
                                   interpolation=InterpolationMode.BICUBIC, antialias=True),
              v2.RandomHorizontalFlip()]
     if args.rand_aug > 0:
-        steps.append(RandAugmentStd(args.rand_aug, args.rand_aug_std))
+        steps.append(RandAugment(args.rand_aug, args.rand_aug_std))
     elif args.color_jitter > 0:
         steps.append(v2.ColorJitter(*(3 * [args.color_jitter])))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
@@ -235,11 +312,12 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(args, model, lr, device):
     decay = (lambda name: layer_decay_scale(name, model.depth, args.layer_decay)) \
         if args.layer_decay != 1.0 else None
-    groups = plumbing.param_groups(model, args.weight_decay, decay)
+    groups = plumbing.param_groups(model, args.weight_decay, decay,
+                                   no_decay_names=("cls_token", "pos_embed"))  # timm's
     if args.opt == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-    if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if args.opt == "sgd":  # Nesterov, as MAE-Lite's transfer code
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     return LARS(groups, lr=lr, weight_decay=args.weight_decay)
 
 
@@ -272,7 +350,10 @@ def get_parser():
     g.add_argument("--num-workers", type=int, default=None,
                    help="data-loading processes per GPU (default: min(8, CPU cores))")
     g = p.add_argument_group("optimisation (defaults from --recipe)")
-    g.add_argument("--opt", default=None, choices=["adamw", "sgd", "lars"])
+    g.add_argument("--opt", default=None, choices=["adamw", "sgd", "lars"],
+                   help="adamw (0.9, 0.999); sgd: Nesterov, momentum 0.9; lars (linprobe)")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="clip the gradient norm to this value (transfer 1.0; others: none)")
     g.add_argument("--batch-size", type=int, default=None, help="images per GPU per step")
     g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--epochs", type=int, default=None)
@@ -285,6 +366,13 @@ def get_parser():
     g.add_argument("--layer-decay", type=float, default=None,
                    help="layer-wise lr decay (impr 0.85; 0.75 for contrastive checkpoints)")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    g.add_argument("--head-init-std", type=float, default=None,
+                   help="std of the trunc-normal head init (impr/transfer 0.02 as timm, mae "
+                        "2e-5 as FAIR, linprobe 0.01)")
+    g.add_argument("--fresh-init", default="timm", choices=["timm", "mae"],
+                   help="how a ViT's weights that --init does not give are drawn (all of them "
+                        "from scratch; the blocks after --keep-blocks): timm's init, as the "
+                        "papers' code, or MAE's (xavier, fixed sin-cos position embedding)")
     g = p.add_argument_group("augmentation (defaults from --recipe)")
     g.add_argument("--min-crop-scale", type=float, default=0.08,
                    help="smallest RandomResizedCrop area (all recipes: 0.08)")
@@ -397,16 +485,17 @@ def prepare_model(args, num_classes, device):
     """Build, load --init (report printed), re-initialise the head and the dropped blocks."""
     model = build_classifier(args, num_classes)
     linprobe = args.recipe == "linprobe"
+    if args.fresh_init == "timm" and args.model not in HIERA_CONFIGS:
+        init_like_timm(model)  # timm's ViT, as the papers' code; --init overwrites the backbone
     if args.init:
-        if args.keep_blocks is not None:
-            fresh = build_classifier(args, num_classes)
+        fresh = copy.deepcopy(model) if args.keep_blocks is not None else None
         load_pretrained(model, args.init, verbose=plumbing.is_main_process())
-        if args.keep_blocks is not None:
+        if fresh is not None:
             reinit_blocks(model, fresh, args.keep_blocks)
             plumbing.print0(f"kept blocks 1..{args.keep_blocks}, re-initialised "
                             f"{args.keep_blocks + 1}..{model.depth}")
     if not (args.eval or args.export or args.resume):
-        init_head(model, linprobe)
+        init_head(model, linprobe, args.head_init_std)
     if linprobe:
         freeze_backbone(model)
     else:
@@ -522,8 +611,7 @@ def train(args):
             loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
             if (it + 1) % args.accum_iter:
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            plumbing.optimizer_step(optimizer, args.clip_grad)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 mean = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # host sync

@@ -297,13 +297,21 @@ def get_parser():
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch size in pixels (default 16; 4 for --data synthetic)")
     p.add_argument("--mask-ratio", type=float, default=None,
-                   help="fraction of patches (Hiera: mask units) removed (default 0.75; Hiera 0.6)")
+                   help="fraction of patches (Hiera: mask units) removed (default per model: "
+                        "ViT 0.75, hiera_tiny_lite 0.4 as MAE-Lite, other Hiera 0.6)")
     p.add_argument("--recon-layer", type=int, default=None,
                    help="encoder block (1-indexed) whose normalised output the decoder reads "
                         "(default: the last block)")
-    p.add_argument("--decoder-dim", type=int, default=96, help="decoder width (MAE-Tiny: 96)")
-    p.add_argument("--decoder-depth", type=int, default=1, help="decoder blocks (MAE-Tiny: 1)")
-    p.add_argument("--decoder-heads", type=int, default=3, help="decoder heads (MAE-Tiny: 3)")
+    p.add_argument("--decoder-dim", type=int, default=None,
+                   help="decoder width (default per model: vit_tiny / hiera_tiny_lite 96, "
+                        "vit_small 192, larger models 512)")
+    p.add_argument("--decoder-depth", type=int, default=None,
+                   help="decoder blocks (default per model: 1 for the lightweight models, 8)")
+    p.add_argument("--decoder-heads", type=int, default=None,
+                   help="decoder heads (default per model: 3, vit_small 6, larger models 16)")
+    p.add_argument("--student-drop-path", type=float, default=0.0,
+                   help="stochastic depth, the same rate on every encoder block but the last "
+                        "(TinyMIM's student: 0.1)")
     p.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
                    help="regress raw (normalised-image) pixels instead of per-patch normalised")
     g = p.add_argument_group("distillation from a teacher (see distill.py)")
@@ -335,8 +343,15 @@ def get_parser():
                    help="pil: PIL decode + augment in workers; device: workers read bytes, JPEGs "
                         "decoded in batches (nvJPEG on CUDA) and augmented on the device "
                         "(--data imagefolder)")
-    p.add_argument("--min-crop-scale", type=float, default=0.2,
-                   help="smallest RandomResizedCrop area (FAIR MAE 0.2; MAE-Lite's code 0.08)")
+    p.add_argument("--min-crop-scale", type=float, default=None,
+                   help="smallest RandomResizedCrop area (default per model: 0.08 for vit_tiny, "
+                        "vit_small, hiera_tiny_lite as MAE-Lite; 0.2 for larger models, FAIR)")
+    p.add_argument("--crop-interpolation", default=None, choices=list(data.INTERPOLATIONS),
+                   help="RandomResizedCrop interpolation; random = bilinear or bicubic per image "
+                        "(default per model: random as MAE-Lite, bicubic for larger models)")
+    p.add_argument("--student-color-jitter", type=float, default=0.0,
+                   help="ColorJitter(j, j, j) on the student's view only; the teacher sees the "
+                        "same crop and flip without it (TinyMIM: 0.4)")
     p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per GPU per step (default 256; 64 for --data synthetic)")
@@ -349,7 +364,11 @@ def get_parser():
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay, on every parameter but biases and norms (as the "
+                        "papers' code: cls and mask tokens are decayed)")
+    p.add_argument("--clip-grad", type=float, default=None,
+                   help="clip the gradient norm to this value (default: no clipping)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data-loading processes per GPU (default: min(8, CPU cores))")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -365,11 +384,34 @@ def get_parser():
     return p
 
 
+# The papers' pre-training settings per model, used for every flag left unset: MAE-Lite's for the
+# lightweight students (mae_lite_exp.py / models_mae.py: crop scale 0.08 with a random
+# bilinear/bicubic interpolation, decoders 96x1x3 and 192x1x6, Hiera-Tiny mask ratio 0.4), FAIR
+# MAE's and Hiera's for the large models (crop 0.2 bicubic, decoder 512 wide x 8 blocks x 16
+# heads, Hiera mask ratio 0.6).
+LIGHT = dict(min_crop_scale=0.08, crop_interpolation="random")
+LARGE = dict(min_crop_scale=0.2, crop_interpolation="bicubic", decoder_dim=512, decoder_depth=8,
+             decoder_heads=16)
+PRETRAIN_DEFAULTS = {
+    "vit_tiny": dict(LIGHT, decoder_dim=96, decoder_depth=1, decoder_heads=3, mask_ratio=0.75),
+    "vit_small": dict(LIGHT, decoder_dim=192, decoder_depth=1, decoder_heads=6, mask_ratio=0.75),
+    "vit_base": dict(LARGE, mask_ratio=0.75),
+    "vit_large": dict(LARGE, mask_ratio=0.75),
+    "hiera_tiny_lite": dict(LIGHT, decoder_dim=96, decoder_depth=1, decoder_heads=3,
+                            mask_ratio=0.4),
+    "hiera_tiny": dict(LARGE, mask_ratio=0.6),
+    "hiera_small": dict(LARGE, mask_ratio=0.6),
+    "hiera_base": dict(LARGE, mask_ratio=0.6),
+}
+
+
 def fill_defaults(args):
-    """Defaults that depend on the data: the synthetic demo is small enough for a laptop CPU."""
+    """Unset flags take the model's paper defaults (PRETRAIN_DEFAULTS), then the sizes that
+    depend on the data: the synthetic demo is small enough for a laptop CPU."""
     demo, hiera = args.data == "synthetic", args.model in HIERA_CONFIGS
-    if args.mask_ratio is None:
-        args.mask_ratio = 0.6 if hiera else 0.75
+    for name, value in PRETRAIN_DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.teacher_model is None:
         args.teacher_model = "hiera_base" if hiera else "vit_base"
     for name, real, small in (("img_size", 224, 64 if hiera else 32), ("patch_size", 16, 4),
@@ -440,8 +482,10 @@ def parse_distill_layers(args, parser, depth):
     t_depth = model_depth(args.teacher_model)
     args.distill_layer = parse_layers(args.distill_layer or str(depth), "--distill-layer", parser)
     args.teacher_layer = parse_layers(
-        args.teacher_layer or ",".join(str(distill.default_teacher_layer(s, depth, t_depth))
-                                       for s in args.distill_layer), "--teacher-layer", parser)
+        args.teacher_layer or ",".join(
+            str(distill.default_teacher_layer(s, depth, t_depth, args.distill_target,
+                                              hiera=args.model in HIERA_CONFIGS))
+            for s in args.distill_layer), "--teacher-layer", parser)
 
 
 def validate_common(args, parser):
@@ -454,6 +498,12 @@ def validate_common(args, parser):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.min_crop_scale <= 1:
         parser.error(f"--min-crop-scale {args.min_crop_scale} must be in (0, 1]")
+    if not 0 <= args.student_drop_path < 1:
+        parser.error(f"--student-drop-path {args.student_drop_path} must be in [0, 1)")
+    if args.student_color_jitter < 0:
+        parser.error(f"--student-color-jitter {args.student_color_jitter} must be at least 0")
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        parser.error(f"--clip-grad {args.clip_grad} must be positive (leave it out for none)")
     if not 0 <= args.warmup_epochs <= args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
                      f"{args.epochs}")
@@ -461,6 +511,9 @@ def validate_common(args, parser):
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
     if args.loader == "device" and args.data != "imagefolder":
         parser.error("--loader device reads image files: use it with --data imagefolder")
+    if args.loader == "device" and args.student_color_jitter > 0:
+        parser.error("--student-color-jitter needs --loader pil (the device loader makes one "
+                     "view per image)")
     if args.data_root is not None and not os.path.isdir(args.data_root):
         parser.error(f"--data-root {args.data_root} is not a folder")
 
@@ -501,6 +554,8 @@ def build_training_module(args, device):
                         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                         decoder_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss,
                         recon_layer=args.recon_layer)
+    for block in student.blocks[:-1]:  # TinyMIM: a constant rate, none on the distilled last
+        block.drop_path_rate = args.student_drop_path
     if args.teacher is None:
         return student.to(device), student
     teacher = distill.load_teacher(args.teacher, args.teacher_model, args.img_size,
@@ -515,9 +570,13 @@ def build_training_module(args, device):
 
 
 def step_losses(model, imgs, mask_ratio, distilling):
-    """(total, reconstruction, distillation) losses of one batch."""
+    """(total, reconstruction, distillation) losses of one batch. imgs is (B, C, H, W), or
+    (B, 2, C, H, W) = [teacher view, student view] with --student-color-jitter."""
+    teacher_imgs = None
+    if imgs.ndim == 5:
+        teacher_imgs, imgs = imgs.unbind(1)
     if distilling:
-        return model(imgs, mask_ratio)
+        return model(imgs, mask_ratio, teacher_imgs=teacher_imgs)
     loss = model(imgs, mask_ratio)[0]
     return loss, loss, torch.zeros_like(loss)
 
@@ -546,10 +605,12 @@ def train(args):
     if args.loader == "device":  # workers read bytes; decode + augment on the device
         dataset = data.DeviceLoader(args.data_root, args.batch_size, args.seed, device,
                                     args.img_size, args.min_crop_scale, rank, world_size,
-                                    args.num_workers)
+                                    args.num_workers, interpolation=args.crop_interpolation)
     else:
         dataset = data.build_dataset(args.data, args.data_root, "train",
-                                     data.pretrain_transform(args.img_size, args.min_crop_scale),
+                                     data.pretrain_transform(
+                                         args.img_size, args.min_crop_scale,
+                                         args.crop_interpolation, args.student_color_jitter),
                                      args.download, args.synthetic_size, args.img_size)
     steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
     if steps_per_epoch < 1:
@@ -600,8 +661,7 @@ def train(args):
             loss_count, images_since_log = loss_count + 1, images_since_log + imgs.shape[0]
             if (it + 1) % args.accum_iter:
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            plumbing.optimizer_step(optimizer, args.clip_grad)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 means = plumbing.all_reduce_mean(loss_sums / loss_count).tolist()  # host sync

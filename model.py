@@ -659,6 +659,32 @@ def resize_pos_embed(pos_embed, grid, num_prefix=1):
 
 
 REL_POS_KEY = "relative_position_bias_table"  # optional: zero-initialised when a file lacks it
+# What MAE-Lite's D^2-MAE files hold of their 13th block: the attention-only block of
+# pre-training (its proj, norm2 and mlp are deleted), dropped by their fine-tuning.
+EXTRA_BLOCK_PARTS = {"norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias"}
+
+
+def split_extra_block(state, depth):
+    """(state without D^2-MAE's extra block, its keys): the keys of block `depth` (0-indexed,
+    i.e. one past a depth-block model) when they are the extra attention-only block and nothing
+    deeper exists; otherwise (state, [])."""
+    prefix = f"blocks.{depth}."
+    extra = sorted(k for k in state if k.startswith(prefix))
+    deeper = any(k.startswith(f"blocks.{depth + 1}.") for k in state)
+    if not extra or deeper or not {k[len(prefix):] for k in extra} <= EXTRA_BLOCK_PARTS:
+        return state, []
+    return {k: v for k, v in state.items() if k not in extra}, extra
+
+
+def describe_vit(state):
+    """'24 blocks of width 1024 (vit_large)' for a ViT state dict, to name the right --model."""
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    depth = max(blocks) + 1 if blocks else 0
+    width = state["cls_token"].shape[-1] if "cls_token" in state else None
+    presets = [name for name, cfg in VIT_CONFIGS.items()
+               if cfg["depth"] == depth and cfg["embed_dim"] == width]
+    return f"{depth} blocks of width {width}, " + (
+        f"i.e. --model {presets[0]}" if presets else "which no preset has")
 
 
 def _is_encoder_key(key, prefixes=ENCODER_PREFIXES):
@@ -682,6 +708,9 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
     name = path_or_state_dict if isinstance(path_or_state_dict, str) else "the state dict"
     prefixes = getattr(model, "ENCODER_PREFIXES", ENCODER_PREFIXES)
     kind = type(model).__name__ if prefixes != ENCODER_PREFIXES else "ViT"
+    extra_block = []
+    if kind == "ViT":  # a D^2-MAE file of MAE-Lite: 12 blocks plus the extra attention-only one
+        state, extra_block = split_extra_block(state, model.depth)
     if not any(_is_encoder_key(k, prefixes) for k in state):
         sample = ", ".join(sorted(state)[:4]) or "none"
         raise CheckpointError(f"{name} holds no {kind} encoder weights (keys such as {sample}); "
@@ -689,10 +718,13 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
     missing = sorted(k for k in own if _is_encoder_key(k, prefixes) and k not in state
                      and not k.endswith(REL_POS_KEY))
     if missing:
+        found = f"; it holds {describe_vit(state)}" if kind == "ViT" else \
+            " (pick the matching --model)"
         raise CheckpointError(f"{name} lacks {len(missing)} encoder keys of this model, e.g. "
-                              f"{', '.join(missing[:3])}: it is a different depth or architecture "
-                              "(pick the matching --model)")
-    report = {"loaded": [], "dropped": [], "initialised": [], "resized": []}
+                              f"{', '.join(missing[:3])}: it is a different depth or architecture"
+                              f"{found}")
+    report = {"loaded": [], "dropped": list(extra_block), "initialised": [], "resized": [],
+              "extra_block": extra_block}
     to_load = {}
     for key, value in state.items():
         if key not in own:
@@ -700,8 +732,9 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
                 raise CheckpointError(f"{name} has relative position tables ({key}): build the "
                                       "model with them (finetune.py --rel-pos)")
             if _is_encoder_key(key, prefixes):  # e.g. blocks.12.* into a 12-block model
-                raise CheckpointError(f"{name} has {key}, which this model does not: it is deeper "
-                                      "or another architecture (pick the matching --model)")
+                found = f": {describe_vit(state)}" if kind == "ViT" else ""
+                raise CheckpointError(f"{name} has {key}, which this {model.depth}-block model "
+                                      f"does not; the file is deeper{found}")
             report["dropped"].append(key)
             continue
         target = own[key]
@@ -714,10 +747,11 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
                                       f" vs {tuple(target.shape)}): use the image and patch size "
                                       "it was fine-tuned with")
             if _is_encoder_key(key, prefixes) or key.startswith("norm."):
+                found = f"; it holds {describe_vit(state)}" if kind == "ViT" else \
+                    " (pick the matching --model)"
                 raise CheckpointError(
                     f"{name} has {key} of shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(target.shape)}: it is another width or architecture (pick the "
-                    "matching --model)")
+                    f"{tuple(target.shape)}: it is another width or architecture{found}")
             report["dropped"].append(key)  # e.g. a 1000-class head into a 10-class model
             continue
         to_load[key] = value
@@ -733,6 +767,9 @@ def format_load_report(name, report):
     def show(keys):
         return ", ".join(keys) if keys else "none"
 
+    extra = report.get("extra_block")
+    note = (f" ({'.'.join(extra[0].split('.')[:2])}.* is D^2-MAE's extra attention-only block, used "
+            "only in pre-training)" if extra else "")
     return (f"loaded {len(report['loaded'])} tensors from {name}; "
             f"resized: {show(report['resized'])}; dropped: {show(report['dropped'])}; "
-            f"newly initialised: {show(report['initialised'])}")
+            f"newly initialised: {show(report['initialised'])}{note}")

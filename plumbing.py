@@ -107,15 +107,18 @@ def seed_everything(seed, epoch=0, rank=0):
 # Optimisation
 
 
-def param_groups(model, weight_decay, lr_scale_of=None):
-    """AdamW groups: no weight decay on 1-D parameters (biases, norms) nor on tokens and
-    position embeddings; lr_scale_of(name) -> float sets a per-parameter lr scale (layer decay).
-    Frozen parameters are left out."""
+def param_groups(model, weight_decay, lr_scale_of=None, no_decay_names=()):
+    """Optimizer groups as the papers' code builds them: no weight decay on 1-D parameters
+    (biases, norms) nor on the parameters named in no_decay_names; every other parameter,
+    tokens included, is decayed (pre-training: FAIR MAE, MAE-Lite and TinyMIM decay cls_token
+    and mask_token; fine-tuning passes ("cls_token", "pos_embed"), timm's no_weight_decay).
+    lr_scale_of(name) -> float sets a per-parameter lr scale (layer decay). Frozen parameters
+    are left out."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(("token", "pos_embed"))
+        no_decay = p.ndim <= 1 or name in no_decay_names
         scale = lr_scale_of(name) if lr_scale_of else 1.0
         key = (no_decay, scale)
         if key not in groups:
@@ -131,6 +134,16 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
         return base_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def optimizer_step(optimizer, clip_grad=None):
+    """Clip the gradient norm of all the optimizer's parameters to clip_grad (None: no
+    clipping), take the step, zero the gradients."""
+    if clip_grad is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def set_lr(optimizer, lr):

@@ -36,7 +36,8 @@ def test_layer_decay_groups_by_hand():
                 global_pool="avg")
     model.pos_embed.requires_grad_(True)  # trained when fine-tuning, as FAIR's
     groups = plumbing.param_groups(model, 0.05,
-                                   lambda n: finetune.layer_decay_scale(n, model.depth, 0.5))
+                                   lambda n: finetune.layer_decay_scale(n, model.depth, 0.5),
+                                   no_decay_names=("cls_token", "pos_embed"))
     seen = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     # depth 3, decay 0.5: scale = 0.5 ** (4 - layer); stem layer 0, block i layer i + 1, rest 4
     by_hand = {"cls_token": (0.0625, 0.0), "pos_embed": (0.0625, 0.0),
@@ -98,7 +99,7 @@ def test_pretraining_checkpoint_drops_decoder_and_reports(tmp_path, capsys):
     assert "newly initialised: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in out
     torch.testing.assert_close(classifier.blocks[3].attn.qkv.weight,
                                model.blocks[3].attn.qkv.weight)
-    assert classifier.head.weight.abs().max() < 1e-4  # trunc-normal, std 2e-5
+    assert abs(classifier.head.weight.std() - 0.02) < 0.003  # impr: timm's trunc-normal 0.02
 
 
 @pytest.mark.parametrize("make,words", [(vit_small, "another width"),
@@ -214,22 +215,13 @@ def test_lars_step_by_hand():
     torch.testing.assert_close(b.data, torch.tensor([0.0]))  # 1-D: plain SGD, 1 - 0.5 * 2
 
 
-def test_mixing_gives_probability_targets_and_randaug_draws_magnitudes():
+def test_mixing_gives_probability_targets():
     args = finetune.fill_defaults(finetune.get_parser().parse_args(
         ["--mixup", "0.8", "--cutmix", "1.0"]))
     imgs, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     mixed, targets = finetune.build_mixing(args, 10)(imgs, labels)
     assert mixed.shape == imgs.shape and targets.shape == (8, 10)
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
-    torch.manual_seed(0)
-    aug = finetune.RandAugmentStd(10, 0.5)
-    from PIL import Image
-    img = Image.new("RGB", (16, 16), (100, 150, 200))
-    drawn = set()
-    for _ in range(50):
-        aug(img)
-        drawn.add(aug.magnitude)
-    assert drawn <= set(range(11)) and {9, 10} <= drawn
 
 
 def test_short_fine_tune_learns_fashion_mnist(tmp_path):
