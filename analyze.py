@@ -374,6 +374,9 @@ def run_attn(args, device):
     distance_key = {"pixels": "distance_px", "paper": "distance_paper_units"}[args.distance_unit]
     for label, vit in zip(labels, vits):
         vit = vit.to(device)
+        if hasattr(vit, "stage_ends") and args.distance_unit == "paper":
+            raise ValueError("--distance-unit paper is defined on a ViT's patch grid (x 14); "
+                             "Hiera's pooled grids have other strides: use pixels")
         if hasattr(vit, "stage_ends"):
             kept = global_blocks(vit)
             print(f"{label}: Hiera global-attention blocks {kept} analysed; mask-unit and "

@@ -345,9 +345,10 @@ def check_bad_images(skipped, seen, max_fraction=0.01, tolerance=10):
 
 # ----------------------------------------------------------------------------------------------
 # The device loader: workers only read file bytes; JPEGs are decoded in batches (nvJPEG on a
-# GPU) and RandomResizedCrop, flip and normalisation run on the device. Same output as the
-# classic path with pretrain_transform: (B, 3, S, S) float32, ImageNet-normalised, labels in
-# sampler order, unreadable files skipped and counted.
+# GPU) and RandomResizedCrop, flip and normalisation run on the device. The same kind of output
+# as the classic path with pretrain_transform (the same crop distribution, drawn in another
+# order): (B, 3, S, S) float32, ImageNet-normalised, labels in sampler order, unreadable files
+# skipped and counted.
 
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency); say it once.

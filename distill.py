@@ -64,13 +64,13 @@ def default_teacher_layer(student_layer, student_depth, teacher_depth, target="a
     """The teacher block the papers' code pairs with a student block:
       attention / representations (MAE-Lite): the same block index, 12 -> 12 of ViT-B and of
         ViT-L (the papers' ViT-L rows);
-      relations (TinyMIM): block 18 of a 24-block ViT-L for the student's last block (TinyMIM's
-        `intermediate=18`), else the same index (12 of ViT-B);
+      relations (TinyMIM): block 18 of a 24-block ViT-L for the last block of a 12-block
+        student (TinyMIM's `intermediate=18`), else the same index (12 of ViT-B);
       Hiera (MAE-Lite's Hiera distillation): the same relative depth, 12 of hiera_tiny_lite ->
         24 of hiera_base, so that both blocks see the same stage-4 tokens."""
     if hiera:
         return max(1, round(student_layer * teacher_depth / student_depth))
-    if target == "relation" and student_layer == student_depth and teacher_depth == 24:
+    if target == "relation" and (student_layer, student_depth, teacher_depth) == (12, 12, 24):
         return 18
     return min(student_layer, teacher_depth)
 

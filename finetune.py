@@ -171,7 +171,7 @@ def rand_op(img, name, level, sign=1.0, resample=Image.BICUBIC, fill=MEAN_PIXEL)
         return TF.invert(img)
     if name == "Rotate":  # about the centre, up to 30 degrees
         return TF.rotate(img, sign * m * 30, resample, fill=fill)  # Pillow's constant is accepted
-    if name == "PosterizeIncreasing":  # keep 4 .. 0 bits; 0 bits is black, as Pillow < 10 did
+    if name == "PosterizeIncreasing":  # keep 4 .. 0 bits; 0 bits is black, as the Pillow of the papers did
         bits = 4 - int(m * 4)
         return TF.posterize(img, bits) if bits > 0 else Image.new(img.mode, img.size)
     if name == "SolarizeIncreasing":  # invert pixels >= 256 .. 0
@@ -353,7 +353,8 @@ def get_parser():
     g.add_argument("--opt", default=None, choices=["adamw", "sgd", "lars"],
                    help="adamw (0.9, 0.999); sgd: Nesterov, momentum 0.9; lars (linprobe)")
     g.add_argument("--clip-grad", type=float, default=None,
-                   help="clip the gradient norm to this value (transfer 1.0; others: none)")
+                   help="clip the gradient norm to this value (transfer 1.0; others and 0: "
+                        "no clipping)")
     g.add_argument("--batch-size", type=int, default=None, help="images per GPU per step")
     g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--epochs", type=int, default=None)
@@ -364,11 +365,12 @@ def get_parser():
     g.add_argument("--min-lr", type=float, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--layer-decay", type=float, default=None,
-                   help="layer-wise lr decay (impr 0.85; 0.75 for contrastive checkpoints)")
+                   help="layer-wise lr decay (impr 0.85, mae 0.65, transfer 0.75; the papers "
+                        "use 0.75 for contrastive checkpoints)")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     g.add_argument("--head-init-std", type=float, default=None,
                    help="std of the trunc-normal head init (impr/transfer 0.02 as timm, mae "
-                        "2e-5 as FAIR, linprobe 0.01)")
+                        "2e-5 as FAIR, linprobe 0.01; Hiera fine-tuning keeps Hiera's own)")
     g.add_argument("--fresh-init", default="timm", choices=["timm", "mae"],
                    help="how a ViT's weights that --init does not give are drawn (all of them "
                         "from scratch; the blocks after --keep-blocks): timm's init, as the "
@@ -400,19 +402,13 @@ def get_parser():
     return p
 
 
-def checkpoint_args(path):
-    """The `args` dict stored in one of our checkpoints, {} for any other file."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return {}
-    return ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-
-
 def fill_defaults(args):
     """Unset flags come from: the --init checkpoint (architecture; for --eval/--export also the
     head layout), then the synthetic demo sizes, then the recipe."""
-    source = checkpoint_args(args.init) if args.init and os.path.isfile(args.init) else {}
+    taken = plumbing.inherit_resumed_args(args)
+    if taken:
+        plumbing.print0(f"--resume: {', '.join(taken)} taken from the checkpoint's run")
+    source = plumbing.checkpoint_args(args.init) if args.init and os.path.isfile(args.init) else {}
     inherit = ["model", "patch_size", "img_size"]
     if (args.eval or args.export) and "recipe" in source:  # one of our fine-tuned files
         inherit += ["global_pool"]
@@ -431,6 +427,8 @@ def fill_defaults(args):
     if args.model in HIERA_CONFIGS and args.global_pool is None:
         args.global_pool = "avg"  # Hiera's only pooling, whatever the recipe
     for name, value in RECIPES[args.recipe].items():
+        if name == "head_init_std" and args.model in HIERA_CONFIGS and args.recipe != "linprobe":
+            continue  # Hiera keeps its own head init (official: 0.02 x 0.001) unless asked
         if getattr(args, name, None) is None:
             setattr(args, name, SYNTHETIC[name] if small and name in SYNTHETIC else value)
     if args.blr is None:
@@ -473,6 +471,8 @@ def validate(args, parser):
                      f"{args.epochs}")
     if not 0 < args.layer_decay <= 1:
         parser.error(f"--layer-decay {args.layer_decay} must be in (0, 1]")
+    if args.clip_grad is not None and args.clip_grad < 0:
+        parser.error(f"--clip-grad {args.clip_grad} must be at least 0 (0: no clipping)")
     if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
 
@@ -494,7 +494,7 @@ def prepare_model(args, num_classes, device):
             reinit_blocks(model, fresh, args.keep_blocks)
             plumbing.print0(f"kept blocks 1..{args.keep_blocks}, re-initialised "
                             f"{args.keep_blocks + 1}..{model.depth}")
-    if not (args.eval or args.export or args.resume):
+    if not (args.eval or args.export or args.resume) and args.head_init_std is not None:
         init_head(model, linprobe, args.head_init_std)
     if linprobe:
         freeze_backbone(model)

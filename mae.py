@@ -327,8 +327,9 @@ def get_parser():
     g.add_argument("--distill-layer", default=None,
                    help="student blocks to distil, 1-indexed, comma-separated (e.g. 12 or 6,12)")
     g.add_argument("--teacher-layer", default=None,
-                   help="matching teacher blocks (default: same relative depth, 12 -> 24 for "
-                        "vit_large)")
+                   help="matching teacher blocks (default: the papers' pairing: the same "
+                        "index, TinyMIM's 18 of vit_large for relations, Hiera the same "
+                        "relative depth)")
     g.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distill loss")
     g.add_argument("--teacher-input", default="visible", choices=["visible", "full"],
                    help="teacher sees the student's visible patches, or the whole image "
@@ -368,7 +369,7 @@ def get_parser():
                    help="AdamW weight decay, on every parameter but biases and norms (as the "
                         "papers' code: cls and mask tokens are decayed)")
     p.add_argument("--clip-grad", type=float, default=None,
-                   help="clip the gradient norm to this value (default: no clipping)")
+                   help="clip the gradient norm to this value (default and 0: no clipping)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data-loading processes per GPU (default: min(8, CPU cores))")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -408,6 +409,9 @@ PRETRAIN_DEFAULTS = {
 def fill_defaults(args):
     """Unset flags take the model's paper defaults (PRETRAIN_DEFAULTS), then the sizes that
     depend on the data: the synthetic demo is small enough for a laptop CPU."""
+    taken = plumbing.inherit_resumed_args(args)
+    if taken:
+        plumbing.print0(f"--resume: {', '.join(taken)} taken from the checkpoint's run")
     demo, hiera = args.data == "synthetic", args.model in HIERA_CONFIGS
     for name, value in PRETRAIN_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
@@ -473,8 +477,8 @@ def model_depth(name):
 
 
 def parse_distill_layers(args, parser, depth):
-    """--distill-layer (default: the last block) and --teacher-layer (default: the teacher block
-    at the same relative depth)."""
+    """--distill-layer (default: the last block) and --teacher-layer (default: the papers'
+    pairing, distill.default_teacher_layer)."""
     if args.teacher is None and (args.distill_layer or args.teacher_layer):
         parser.error("--distill-layer / --teacher-layer need a --teacher checkpoint")
     if args.teacher is None:
@@ -502,8 +506,11 @@ def validate_common(args, parser):
         parser.error(f"--student-drop-path {args.student_drop_path} must be in [0, 1)")
     if args.student_color_jitter < 0:
         parser.error(f"--student-color-jitter {args.student_color_jitter} must be at least 0")
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        parser.error(f"--clip-grad {args.clip_grad} must be positive (leave it out for none)")
+    if args.clip_grad is not None and args.clip_grad < 0:
+        parser.error(f"--clip-grad {args.clip_grad} must be at least 0 (0: no clipping)")
+    if args.student_color_jitter > 0 and args.teacher is None:
+        parser.error("--student-color-jitter jitters the student's view apart from the "
+                     "teacher's (TinyMIM): it needs --teacher")
     if not 0 <= args.warmup_epochs <= args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
                      f"{args.epochs}")
@@ -581,11 +588,19 @@ def step_losses(model, imgs, mask_ratio, distilling):
     return loss, loss, torch.zeros_like(loss)
 
 
-def checkpoint_state(module, student, optimizer, epoch, step, args, counts):
+# Parameters exempt from weight decay besides the 1-D ones: none, as the papers' code. Runs
+# written before nanoMIM followed it exempted tokens and position embeddings; their
+# checkpoints lack "no_decay_names" and resume with that rule, so the optimizer state fits.
+NO_DECAY = ()
+LEGACY_NO_DECAY = ("token", "pos_embed")
+
+
+def checkpoint_state(module, student, optimizer, epoch, step, args, counts, no_decay):
     """A plain dict: `model` holds the student MAE alone (FAIR keys, what fine-tuning loads);
     `distill` the head maps / extra blocks, needed only to resume pre-training."""
     state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "step": step, "args": vars(args), **counts}  # counts: skipped / seen images
+             "step": step, "args": vars(args), "no_decay_names": list(no_decay),
+             **counts}  # counts: skipped / seen images
     if module is not student:
         state["distill"] = module.distiller.state_dict()
     return state
@@ -619,11 +634,15 @@ def train(args):
                              "--batch-size or --accum-iter")
     eff_batch = args.batch_size * args.accum_iter * world_size
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(plumbing.param_groups(module, args.weight_decay), lr=lr,
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
-    start_epoch, step, counts = 0, 0, {"skipped_images": 0, "seen_images": 0}
+    ckpt = None
     if args.resume:
         ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
+    no_decay = NO_DECAY if ckpt is None else tuple(ckpt.get("no_decay_names", LEGACY_NO_DECAY))
+    optimizer = torch.optim.AdamW(
+        plumbing.param_groups(module, args.weight_decay, no_decay_names=no_decay), lr=lr,
+        betas=(0.9, 0.95), fused=device.type == "cuda")
+    start_epoch, step, counts = 0, 0, {"skipped_images": 0, "seen_images": 0}
+    if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         if distilling:
             module.distiller.load_state_dict(ckpt["distill"])
@@ -678,7 +697,8 @@ def train(args):
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
                                   step, last_path)
         if is_main:
-            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, counts)
+            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, counts,
+                                    no_decay)
             plumbing.save_checkpoint(ckpt, last_path)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,

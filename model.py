@@ -680,10 +680,13 @@ def describe_vit(state):
     """'24 blocks of width 1024 (vit_large)' for a ViT state dict, to name the right --model."""
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
     depth = max(blocks) + 1 if blocks else 0
+    extra = depth > 0 and split_extra_block(state, depth - 1)[1]
+    depth -= 1 if extra else 0
     width = state["cls_token"].shape[-1] if "cls_token" in state else None
     presets = [name for name, cfg in VIT_CONFIGS.items()
                if cfg["depth"] == depth and cfg["embed_dim"] == width]
-    return f"{depth} blocks of width {width}, " + (
+    plus = " (plus D^2-MAE's extra attention-only block)" if extra else ""
+    return f"{depth} blocks of width {width}{plus}, " + (
         f"i.e. --model {presets[0]}" if presets else "which no preset has")
 
 
@@ -701,7 +704,11 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
     their fresh initialisation. Refuses, with CheckpointError, a file whose encoder keys are
     missing or of another shape: a silently random backbone is never returned.
 
-    Returns {"loaded": [...], "dropped": [...], "initialised": [...], "resized": [...]}.
+    MAE-Lite's D^2-MAE files (a 13th block of norm1 + attn.qkv alone) load into a 12-block ViT:
+    that extra attention-only block of pre-training is dropped and listed under "extra_block".
+
+    Returns {"loaded": [...], "dropped": [...], "initialised": [...], "resized": [...],
+    "extra_block": [...]}.
     """
     state = read_state_dict(path_or_state_dict)
     own = model.state_dict()

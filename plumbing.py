@@ -109,16 +109,17 @@ def seed_everything(seed, epoch=0, rank=0):
 
 def param_groups(model, weight_decay, lr_scale_of=None, no_decay_names=()):
     """Optimizer groups as the papers' code builds them: no weight decay on 1-D parameters
-    (biases, norms) nor on the parameters named in no_decay_names; every other parameter,
-    tokens included, is decayed (pre-training: FAIR MAE, MAE-Lite and TinyMIM decay cls_token
-    and mask_token; fine-tuning passes ("cls_token", "pos_embed"), timm's no_weight_decay).
+    (biases, norms) nor on the parameters whose names end with one of no_decay_names; every
+    other parameter, tokens included, is decayed (pre-training: FAIR MAE, MAE-Lite and TinyMIM
+    decay cls_token and mask_token; fine-tuning passes ("cls_token", "pos_embed"), timm's
+    no_weight_decay).
     lr_scale_of(name) -> float sets a per-parameter lr scale (layer decay). Frozen parameters
     are left out."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name in no_decay_names
+        no_decay = p.ndim <= 1 or name.endswith(tuple(no_decay_names))
         scale = lr_scale_of(name) if lr_scale_of else 1.0
         key = (no_decay, scale)
         if key not in groups:
@@ -137,9 +138,9 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
 
 
 def optimizer_step(optimizer, clip_grad=None):
-    """Clip the gradient norm of all the optimizer's parameters to clip_grad (None: no
+    """Clip the gradient norm of all the optimizer's parameters to clip_grad (None or 0: no
     clipping), take the step, zero the gradients."""
-    if clip_grad is not None:
+    if clip_grad:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
     optimizer.step()
@@ -200,6 +201,34 @@ def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args
         raise RunError(f"--resume {path} was trained with different {', '.join(changed)}; pass "
                        "the same flags as that run")
     return ckpt
+
+
+def checkpoint_args(path):
+    """The `args` dict stored in one of our checkpoints, {} for any other or unreadable file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return {}
+    return ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+
+
+# Flags whose default changed after checkpoints were first written without them, with the
+# value such a run had.
+LEGACY_ARGS = {"crop_interpolation": "bicubic"}
+
+
+def inherit_resumed_args(args, never=("resume", "out_dir", "init", "export")):
+    """--resume continues a run: every flag left unset (None) takes the value the checkpoint's run
+    used (LEGACY_ARGS for flags older checkpoints do not record), so that new defaults never
+    change a run half-way. Returns the names taken over."""
+    if not args.resume or not os.path.isfile(args.resume):
+        return []
+    stored = {**LEGACY_ARGS, **checkpoint_args(args.resume)}
+    taken = [name for name, value in vars(args).items()
+             if value is None and name not in never and stored.get(name) is not None]
+    for name in taken:
+        setattr(args, name, stored[name])
+    return taken
 
 
 class JsonlLog:

@@ -1,5 +1,6 @@
 """Fidelity to the papers' published code (MAE-Lite, TinyMIM, FAIR MAE, Hiera): one test or more
-per difference README's Fidelity table lists. Each would fail on nanoMIM's earlier behaviour."""
+per difference README's Fidelity table lists, each failing on nanoMIM's earlier behaviour; the
+last section adds tests of behaviour that was right but untested."""
 import math
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_randaugment_ops_equal_timms_at_fixed_levels(monkeypatch):
         for name in finetune.RAND_OPS:
             for level in (0.0, 3.7, 7.5, 9.9, 10.0):
                 if name == "PosterizeIncreasing" and level == 10.0:
-                    continue  # timm asks Pillow for 0 bits, which Pillow >= 10 refuses
+                    continue  # timm asks Pillow for 0 bits, which recent Pillow refuses
                 theirs = timm_aa.AugmentOp(name, prob=1.0, magnitude=level, hparams=hparams)(img)
                 ours = finetune.rand_op(img, name, level, sign)
                 assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (name, level, sign)
@@ -134,12 +135,20 @@ def test_mae_lite_d2mae_checkpoint_loads_and_drops_the_extra_block(tmp_path, cap
     assert analyze.load_model(str(path), "vit_tiny", 16, 4).depth == 12
 
 
-def test_mae_lite_d2mae_checkpoint_fine_tunes(tmp_path):
-    ckpt, _ = d2mae_release(depth=2, width=64)
+def test_mae_lite_d2mae_checkpoint_transfers_with_clipping(tmp_path, monkeypatch):
+    ckpt, _ = d2mae_release()
     path = tmp_path / "d2mae.pth"
     torch.save(ckpt, path)
-    model = ViT(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=4)
-    assert load_pretrained(model, str(path), verbose=False)["extra_block"]
+    clips = []
+    step = plumbing.optimizer_step
+    monkeypatch.setattr(plumbing, "optimizer_step",
+                        lambda opt, clip_grad=None: clips.append(clip_grad) or step(opt, clip_grad))
+    rows = finetune.main(["--init", str(path), "--recipe", "transfer", "--lr", "0.01",
+                          "--img-size", "16", "--patch-size", "4", "--synthetic-size", "16",
+                          "--max-images", "16", "--batch-size", "8", "--epochs", "1",
+                          "--warmup-epochs", "0", "--num-workers", "0",
+                          "--out-dir", str(tmp_path / "ft")])
+    assert clips == [1.0, 1.0] and rows[0][1]["images"] == 4  # synthetic val: 16 / 4
 
 
 def test_a_genuinely_deeper_file_is_refused_naming_the_model():
@@ -272,6 +281,11 @@ def test_weight_decay_exemptions():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in vit.named_parameters() if id(p) in decayed}
     assert "cls_token" not in names and "pos_embed" not in names and "head.weight" in names
+    hiera = mae.build_mae("hiera_tiny_lite", img_size=64)  # MAE-Lite decays Hiera's too
+    decayed = {id(p) for g in plumbing.param_groups(hiera, 0.05) if g["weight_decay"] > 0
+               for p in g["params"]}
+    assert {"pos_embed", "mask_token", "decoder_pos_embed"} <= \
+        {n for n, p in hiera.named_parameters() if id(p) in decayed}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +299,7 @@ def test_default_teacher_blocks_are_the_papers():
     assert pretrain_args("--teacher", "t.pth", "--distill-target", "relation",
                          "--no-recon").teacher_layer == [12]
     assert pretrain_args("--model", "hiera_tiny_lite", "--teacher", "t.pth").teacher_layer == [24]
+    assert distill.default_teacher_layer(24, 24, 24, "relation") == 24  # not TinyMIM's pairing
 
 
 def test_tinymim_student_drop_path_spares_the_last_block():
@@ -357,9 +372,14 @@ def prepared(*flags):
 
 
 def test_head_init_follows_the_recipe():
-    assert abs(prepared().head.weight.std() - 0.02) < 0.003  # impr: timm's 0.02
+    # --fresh-init mae: the head's init comes from the recipe alone (MAE's init is xavier)
+    assert abs(prepared("--fresh-init", "mae").head.weight.std() - 0.02) < 0.003  # impr: 0.02
     assert prepared("--recipe", "mae").head.weight.std() < 1e-4  # FAIR: 2e-5
     assert abs(prepared("--recipe", "linprobe").head[1].weight.std() - 0.01) < 0.002
+    hiera = prepared("--model", "hiera_tiny_lite")  # Hiera keeps its own: 0.02 x 0.001
+    assert hiera.head.projection.weight.std() < 1e-4 and hiera.head.projection.bias.max() > 0
+    assert abs(prepared("--model", "hiera_tiny_lite", "--head-init-std", "0.02")
+               .head.projection.weight.std() - 0.02) < 0.003
 
 
 def test_from_scratch_vit_gets_timms_init():
@@ -429,3 +449,49 @@ def test_distill_on_probabilities():
     module = make(distill_on="probs")
     _, _, loss = module(torch.randn(2, 3, 32, 32), 0.75)
     assert 0 < loss.item() < 1  # probabilities: bounded differences
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs written before these defaults resume as they were trained
+
+
+def test_a_checkpoint_from_before_the_fidelity_defaults_resumes(tmp_path, capsys):
+    flags = ["--img-size", "16", "--synthetic-size", "16", "--batch-size", "8",
+             "--num-workers", "0", "--warmup-epochs", "0"]
+    mae.main(flags + ["--epochs", "1", "--out-dir", str(tmp_path / "a")])
+    path = tmp_path / "a" / "checkpoint.pth"
+    ckpt = torch.load(path, weights_only=True)
+    # rewrite it as the earlier code did: FAIR's crop recorded, no crop interpolation, no
+    # clipping flag, tokens in the no-decay group of the optimizer
+    del ckpt["no_decay_names"]
+    for name in ("crop_interpolation", "clip_grad", "student_drop_path", "student_color_jitter"):
+        del ckpt["args"][name]
+    ckpt["args"]["min_crop_scale"] = 0.2
+    args = pretrain_args(*flags)
+    module, _ = mae.build_training_module(args, torch.device("cpu"))
+    module.load_state_dict(ckpt["model"])
+    old = torch.optim.AdamW(plumbing.param_groups(module, 0.05,
+                                                  no_decay_names=mae.LEGACY_NO_DECAY))
+    module(torch.randn(2, 3, 16, 16), 0.75)[0].backward()
+    old.step()  # an optimizer state in the earlier grouping (tokens not decayed)
+    ckpt["optimizer"] = old.state_dict()
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    mae.main(flags + ["--epochs", "2", "--resume", str(path), "--out-dir", str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "crop_interpolation" in out and "min_crop_scale" in out  # taken from the old run
+    resumed = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert resumed["args"]["crop_interpolation"] == "bicubic"
+    assert resumed["args"]["min_crop_scale"] == 0.2 and resumed["epoch"] == 1
+    assert resumed["no_decay_names"] == list(mae.LEGACY_NO_DECAY)
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    (finetune, ["--clip-grad", "-1"], "--clip-grad -1.0 must be at least 0"),
+    (mae, ["--clip-grad", "-1"], "--clip-grad -1.0 must be at least 0"),
+    (mae, ["--student-color-jitter", "0.4"], "it needs --teacher"),
+])
+def test_bad_fidelity_flags(script, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
