@@ -15,6 +15,8 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import plumbing
+
 # ----------------------------------------------------------------------------------------------
 # CKA (Kornblith et al. 2019) with the unbiased HSIC of Nguyen, Raghu & Kornblith (2020)
 
@@ -52,7 +54,8 @@ def gram_linear(X):
 def linear_cka(X, Y, unbiased=True):
     """Linear CKA between X (n, p) and Y (n, q): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""
     hsic = hsic_unbiased if unbiased else hsic_biased
-    K, L = gram_linear(X), gram_linear(Y)
+    K = gram_linear(X)
+    L = gram_linear(Y)
     return (hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L))).item()
 
 
@@ -65,14 +68,15 @@ class MinibatchCKA:
         self.cross = torch.zeros(layers_a, layers_b, dtype=torch.float64)
         self.self_a = torch.zeros(layers_a, dtype=torch.float64)
         self.self_b = torch.zeros(layers_b, dtype=torch.float64)
-        self.batches, self.dropped = 0, 0
+        self.batches = 0
+        self.dropped = 0
 
     def update(self, feats_a, feats_b):
         """feats_a / feats_b: lists (one per layer) of (n, ...) features of the same n images."""
         n = feats_a[0].shape[0]
         if n < 4:  # HSIC_1 is undefined below 4 examples
             self.dropped += 1
-            print(f"note: dropped a batch of {n} images (CKA needs at least 4)", file=sys.stderr)
+            plumbing.print0(f"note: dropped a batch of {n} images (CKA needs at least 4)", file=sys.stderr)
             return
         grams_a = [gram_linear(f).cpu() for f in feats_a]
         grams_b = [gram_linear(f).cpu() for f in feats_b]
@@ -144,7 +148,7 @@ def block_geometry(model, block):
     block's tokens are in unrolled order on a grid pooled by its q-poolings so far."""
     if not hasattr(model, "stage_ends"):
         return model.grid, model.patch_size, None
-    from model import unroll_order
+    from hiera import unroll_order
 
     pools = model.pools_before(block)
     grid = (model.grid[0] // 2 ** pools, model.grid[1] // 2 ** pools)
@@ -215,11 +219,16 @@ def draw_cka_heatmap(matrix, name_a, name_b, path, cell=32):
     """CKA heatmap: layers of A up the y axis (origin lower left), layers of B along x, and a
     colour bar from 0 to 1."""
     rows, cols = matrix.shape
-    left, top, bottom, bar = 70, 50, 60, 90
-    width, height = left + cols * cell + bar, top + rows * cell + bottom
+    left = 70
+    top = 50
+    bottom = 60
+    bar = 90
+    width = left + cols * cell + bar
+    height = top + rows * cell + bottom
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    small, big = font(12), font(15)
+    small = font(12)
+    big = font(15)
     for i in range(rows):
         y = top + (rows - 1 - i) * cell  # layer 0 at the bottom
         for j in range(cols):
@@ -233,7 +242,8 @@ def draw_cka_heatmap(matrix, name_a, name_b, path, cell=32):
     label = Image.new("RGB", (rows * cell, 20), "white")  # the y label, rotated
     text_centered(ImageDraw.Draw(label), (rows * cell / 2, 10), f"layer of {name_a}", big)
     img.paste(label.rotate(90, expand=True), (8, top))
-    bar_x, bar_h = left + cols * cell + 25, rows * cell
+    bar_x = left + cols * cell + 25
+    bar_h = rows * cell
     for k in range(bar_h):  # colour bar, 1 at the top
         draw.line([bar_x, top + k, bar_x + 18, top + k], fill=colormap(1 - k / (bar_h - 1)))
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -248,14 +258,21 @@ def draw_boxplots(values, labels, metric, path, blocks=None):
     values: {label: [per-layer list of per-head floats]}; blocks: the x tick labels (1..n)."""
     layers = max(len(v) for v in values.values())
     flat = [x for v in values.values() for heads in v for x in heads]
-    lo, hi = min(flat), max(flat)
+    lo = min(flat)
+    hi = max(flat)
     lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
-    group, box = 26 * len(labels) + 14, 20
-    left, top, plot_h, bottom = 80, 60, 360, 60
-    width, height = left + layers * group + 30, top + plot_h + bottom
+    group = 26 * len(labels) + 14
+    box = 20
+    left = 80
+    top = 60
+    plot_h = 360
+    bottom = 60
+    width = left + layers * group + 30
+    height = top + plot_h + bottom
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    small, big = font(12), font(15)
+    small = font(12)
+    big = font(15)
     to_y = lambda v: top + plot_h * (hi - v) / (hi - lo)  # noqa: E731
     decimals = max(0, 1 - math.floor(math.log10((hi - lo) / 5)))  # enough to tell ticks apart
     for k in range(6):  # y grid and ticks
@@ -271,7 +288,8 @@ def draw_boxplots(values, labels, metric, path, blocks=None):
                 continue
             heads = sorted(values[label][layer])
             q = lambda f: heads[min(len(heads) - 1, int(round(f * (len(heads) - 1))))]  # noqa
-            x, colour = x0 + m * 26, PALETTE[m % len(PALETTE)]
+            x = x0 + m * 26
+            colour = PALETTE[m % len(PALETTE)]
             pale = tuple(int(c + (255 - c) * 0.55) for c in colour)
             draw.line([x + box / 2, to_y(heads[0]), x + box / 2, to_y(heads[-1])], fill=colour,
                       width=2)  # whiskers: min to max
@@ -284,7 +302,8 @@ def draw_boxplots(values, labels, metric, path, blocks=None):
     text_centered(ImageDraw.Draw(label_img), (plot_h / 2, 10), metric, big)
     img.paste(label_img.rotate(90, expand=True), (8, top))
     for m, label in enumerate(labels):  # legend, one row at the top right
-        y, x = 38, width - 30 - (len(labels) - m) * 130
+        y = 38
+        x = width - 30 - (len(labels) - m) * 130
         draw.rectangle([x, y - 6, x + 14, y + 6], fill=PALETTE[m % len(PALETTE)])
         draw.text((x + 20, y), label, font=small, fill="black", anchor="lm")
     img.save(path)
@@ -310,7 +329,7 @@ def load_model(path, model_name, img_size, patch_size, seed=0):
         vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool)
     if state is not None:
         report = load_pretrained(vit, state, verbose=False)
-        print(f"{path}: {len(report['loaded'])} tensors loaded into {model_name}")
+        plumbing.print0(f"{path}: {len(report['loaded'])} tensors loaded into {model_name}")
     return vit.eval()
 
 
@@ -321,8 +340,8 @@ def analysis_loader(args):
     dataset = data.build_dataset(args.data, args.data_root, "val", data.eval_transform(args.img_size),
                                  synthetic_size=4 * args.num_images, img_size=args.img_size)
     subset = torch.utils.data.Subset(dataset, range(min(args.num_images, len(dataset))))
-    return torch.utils.data.DataLoader(subset, batch_size=args.batch_size, shuffle=False,
-                                       collate_fn=data.collate_skipping_bad)
+    return data.make_loader(subset, args.batch_size, epoch=0, seed=0, num_workers=0,
+                            shuffle=False, drop_last=False)
 
 
 def run_cka(args, device):
@@ -336,12 +355,12 @@ def run_cka(args, device):
         model_b = load_model(args.b, args.model_b or args.model_a, args.img_size,
                              args.patch_size).to(device)
     else:
-        name_b, model_b = name_a, model_a
-    names_a, names_b = layer_names(model_a), layer_names(model_b)
+        name_b = name_a
+        model_b = model_a
+    names_a = layer_names(model_a)
+    names_b = layer_names(model_b)
     cka = MinibatchCKA(len(names_a), len(names_b), unbiased=not args.biased)
-    for imgs, _, _ in analysis_loader(args):
-        if imgs is None:
-            continue
+    for imgs, _ in analysis_loader(args):
         imgs = imgs.to(device)
         feats_a = layer_representations(model_a, imgs)
         feats_b = feats_a if model_b is model_a else layer_representations(model_b, imgs)
@@ -353,7 +372,7 @@ def run_cka(args, device):
     with open(os.path.join(args.out_dir, "cka.json"), "w") as f:
         json.dump(result, f, indent=1)
     draw_cka_heatmap(matrix, name_a, name_b, os.path.join(args.out_dir, "cka.png"))
-    print(f"wrote {args.out_dir}/cka.json and cka.png ({cka.batches} batches)")
+    plumbing.print0(f"wrote {args.out_dir}/cka.json and cka.png ({cka.batches} batches)")
 
 
 def run_attn(args, device):
@@ -379,12 +398,11 @@ def run_attn(args, device):
                              "Hiera's pooled grids have other strides: use pixels")
         if hasattr(vit, "stage_ends"):
             kept = global_blocks(vit)
-            print(f"{label}: Hiera global-attention blocks {kept} analysed; mask-unit and "
+            plumbing.print0(f"{label}: Hiera global-attention blocks {kept} analysed; mask-unit and "
                   f"pooling blocks {[b for b in range(1, vit.depth + 1) if b not in kept]} skipped")
-        sums, count = {}, 0
-        for imgs, _, _ in analysis_loader(args):
-            if imgs is None:
-                continue
+        sums = {}
+        count = 0
+        for imgs, _ in analysis_loader(args):
             for block, probs in attention_maps(vit, imgs.to(device)).items():
                 dist = attention_distance(probs, *block_geometry(vit, block),
                                           unit=args.distance_unit) * len(imgs)
@@ -405,7 +423,7 @@ def run_attn(args, device):
     draw_boxplots({k: v["entropy_nats"] for k, v in result.items()}, labels,
                   "attention entropy (nats)", os.path.join(args.out_dir, "attn_entropy.png"),
                   result[labels[0]]["blocks"])
-    print(f"wrote {args.out_dir}/attn.json, attn_distance.png and attn_entropy.png")
+    plumbing.print0(f"wrote {args.out_dir}/attn.json, attn_distance.png and attn_entropy.png")
 
 
 def get_parser():
@@ -451,7 +469,7 @@ def main(argv=None):
     if args.num_images < 4 or args.batch_size < 1:
         sys.exit("error: --num-images must be at least 4 and --batch-size at least 1")
     os.makedirs(args.out_dir, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = plumbing.default_device()
     try:
         (run_cka if args.command == "cka" else run_attn)(args, device)
     except (DataError, CheckpointError, ValueError) as e:

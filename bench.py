@@ -77,12 +77,12 @@ def build_bench(name, args, device):
     if name in ("mae", "mae_timm", "mae_timm_nofused"):
         model = mae.build_mae("vit_tiny", **size) if name == "mae" else \
             timm_mae(args, fused=name == "mae_timm")
-        return model.to(device), lambda m, x: m(x, 0.75)[0], True
+        return model.to(device), lambda m, x: m(x, 0.75)["loss"], True
     if name == "mae_distill":
         student = mae.build_mae("vit_tiny", **size)
         teacher = build_model("vit_base", **size).requires_grad_(False).eval()
         model = distill.DistilledMAE(student, teacher, [12], [12], "attn")
-        return model.to(device), lambda m, x: m(x, 0.75)[0], True
+        return model.to(device), lambda m, x: m(x, 0.75)["loss"], True
     model = build_model("vit_tiny", num_classes=1000, global_pool="avg", **size).to(device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     if name == "finetune":
@@ -146,7 +146,8 @@ def time_step(step, args, device, compiled=False):
 
 
 def bench_models(args, device):
-    rows, kept_steps = [], {}
+    rows = []
+    kept_steps = {}
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     # Warm the process up (allocator, thread pools, CUDA context and kernels) on a throwaway
     # MAE, so the first bench timed does not pay for it: measured on CPU, the first of two
@@ -237,7 +238,8 @@ def write_jpegs(folder, count, seed=0):
 def bench_loaders(args, device):
     """Decode + augmentation of each loader with vit_tiny's pre-training crop (MAE-Lite's: scale
     0.08, bilinear or bicubic per image)."""
-    min_scale, interpolation = 0.08, "random"
+    min_scale = 0.08
+    interpolation = "random"
     root = tempfile.mkdtemp(prefix="nanomim_jpegs_")
     rows = []
     try:
@@ -252,13 +254,15 @@ def bench_loaders(args, device):
                     loader = data.make_loader(dataset, batch, epoch, 0, num_workers=args.workers,
                                               pin_memory=device.type == "cuda")
                 elif epoch == 0:
-                    fast = data.DeviceLoader(root, batch, 0, device, args.img_size,
-                                             min_scale, num_workers=args.workers,
+                    fast = data.DeviceLoader(root, batch, seed=0, device=device,
+                                             img_size=args.img_size, min_scale=min_scale,
+                                             num_workers=args.workers,
                                              interpolation=interpolation)
                 if mode == "device":
                     loader = fast.epoch(epoch)
-                start, count = time.perf_counter(), 0
-                for imgs, _, _ in loader:
+                start = time.perf_counter()
+                count = 0
+                for imgs, _ in loader:
                     imgs = imgs.to(device, non_blocking=True)
                     count += imgs.shape[0]
                 sync(device)
@@ -321,7 +325,7 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = plumbing.default_device()
     cuda = device.type == "cuda"
     for name, gpu, cpu in (("img_size", 224, 64), ("patch_size", 16, 8), ("batch_size", 256, 16),
                            ("steps", 20, 3), ("warmup", 10, 1), ("jpegs", 2000, 200)):

@@ -1,9 +1,10 @@
 """data.py: datasets, transforms and loaders for nanoMIM.
 
 build_dataset(name, root, split, transform) returns a dataset of (image tensor, label) pairs, or
-None in place of a sample whose file could not be read; make_loader() batches it, drops those
-Nones and counts them, so one corrupt JPEG never stops a multi-day run (check_bad_images() stops it
-when too many are bad). `synthetic` needs no files and is the default of `python mae.py`.
+None in place of a sample whose file could not be read; make_loader() batches it into (images,
+labels), leaving those Nones out and counting them into a BadImages, so one corrupt JPEG never
+stops a multi-day run (BadImages stops it when too many are bad). `synthetic` needs no files and
+is the default of `python mae.py`.
 """
 import gzip
 import os
@@ -18,6 +19,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
+
+from plumbing import run_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,7 +110,8 @@ class SyntheticShapes(Dataset):
               "hexagon")
 
     def __init__(self, num_images, size, split="train"):
-        self.num_images, self.size = num_images, size
+        self.num_images = num_images
+        self.size = size
         self.seed = 0 if split == "train" else 10 ** 9
 
     def __len__(self):
@@ -120,7 +124,8 @@ class SyntheticShapes(Dataset):
         colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
         img = Image.new("RGB", (s, s), colour())
         draw = ImageDraw.Draw(img)
-        stripe_colour, period = colour(), rng.randint(3, max(4, s // 4))
+        stripe_colour = colour()
+        period = rng.randint(3, max(4, s // 4))
         texture = rng.choice(("hstripes", "vstripes", "checks", "plain"))
         for a in range(0, s, period):  # background texture
             if texture == "hstripes":
@@ -131,7 +136,8 @@ class SyntheticShapes(Dataset):
                 for b in range((a // period) % 2 * period, s, 2 * period):
                     draw.rectangle([a, b, a + period - 1, b + period - 1], fill=stripe_colour)
         r = rng.uniform(0.2, 0.35) * s  # shape radius
-        cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
+        cx = rng.uniform(r, s - r)
+        cy = rng.uniform(r, s - r)
         turn = rng.uniform(0, 2 * np.pi)
         fill = colour()
 
@@ -269,7 +275,8 @@ class SkipBadImages(Dataset):
     warning) for a sample whose file cannot be read or decoded, instead of raising."""
 
     def __init__(self, raw, transform):
-        self.raw, self.transform = raw, transform
+        self.raw = raw
+        self.transform = transform
 
     def __len__(self):
         return len(self.raw)
@@ -308,39 +315,61 @@ def collate_skipping_bad(batch):
 
 
 def make_loader(dataset, batch_size, epoch, seed, rank=0, world_size=1, num_workers=4,
-                shuffle=True, drop_last=True, pin_memory=False):
-    """One epoch's loader. Order and augmentation depend only on (seed, epoch, rank), so a run
-    resumed at an epoch boundary sees exactly the batches an uninterrupted run would."""
+                shuffle=True, drop_last=True, pin_memory=False, bad_images=None):
+    """One epoch's loader of (images, labels), unreadable images left out (and counted into
+    bad_images, a BadImages, when given). Order and augmentation depend only on (seed, epoch,
+    rank), so a run resumed at an epoch boundary sees exactly the batches an uninterrupted run
+    would."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                  seed=seed, drop_last=drop_last)
     sampler.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_skipping_bad, drop_last=drop_last, pin_memory=pin_memory,
-                      generator=generator)
+    generator = torch.Generator().manual_seed(run_seed(seed, epoch, rank))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_skipping_bad, drop_last=drop_last,
+                        pin_memory=pin_memory, generator=generator)
+    return Readable(loader, bad_images)
 
 
-def good_batches(loader, limit, batch_size, counts):
-    """The first `limit` batches of a loader of (images, labels, n_bad) as (index, images,
-    labels), leaving out batches with no readable image. counts = {"skipped_images",
-    "seen_images"} is updated in place (it goes into checkpoints), and the run stops with
-    check_bad_images when too many are bad."""
-    for it, (imgs, labels, n_bad) in enumerate(loader):
-        if it >= limit:
-            break
-        counts["skipped_images"] += n_bad
-        counts["seen_images"] += batch_size
-        check_bad_images(counts["skipped_images"], counts["seen_images"])
-        if imgs is not None:
-            yield it, imgs, labels
+class Readable:
+    """Iterates a loader of (images, labels, n_bad) as (images, labels): the unreadable images
+    are counted into bad_images (if given) and a batch with no readable image is left out."""
+
+    def __init__(self, batches, bad_images=None):
+        self.batches = batches
+        self.bad_images = bad_images
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for imgs, labels, n_bad in self.batches:
+            if self.bad_images is not None:
+                self.bad_images.add(n_bad, n_bad + (0 if imgs is None else len(imgs)))
+            if imgs is not None:
+                yield imgs, labels
 
 
-def check_bad_images(skipped, seen, max_fraction=0.01, tolerance=10):
-    """Stop when unreadable images are more than a small fraction of those seen."""
-    if skipped > max(tolerance, max_fraction * seen):
-        raise DataError(f"{skipped} of {seen} images could not be read (more than "
-                        f"{max_fraction:.0%}): the dataset is damaged; check --data-root and the "
-                        "warnings above")
+class BadImages:
+    """How many images of a run could not be read, of how many were seen (kept in checkpoints as
+    skipped_images / seen_images). add() stops the run with a DataError when the unreadable ones
+    are more than `max_fraction` of those seen (and more than `tolerance`)."""
+
+    def __init__(self, skipped=0, seen=0, max_fraction=0.01, tolerance=10):
+        self.skipped = skipped
+        self.seen = seen
+        self.max_fraction = max_fraction
+        self.tolerance = tolerance
+
+    def add(self, skipped, seen):
+        self.skipped += skipped
+        self.seen += seen
+        if self.skipped > max(self.tolerance, self.max_fraction * self.seen):
+            raise DataError(f"{self.skipped} of {self.seen} images could not be read (more than "
+                            f"{self.max_fraction:.0%}): the dataset is damaged; check --data-root "
+                            "and the warnings above")
+
+    def state_dict(self):
+        return {"skipped_images": self.skipped, "seen_images": self.seen}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,11 +434,13 @@ def decode_images(blobs, device):
 def crop_box(height, width, scale, ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's box (top, left, h, w), drawn with torch's RNG as torchvision does:
     10 tries of a random area fraction and log-uniform aspect ratio, else the centre crop."""
-    area, log_ratio = height * width, torch.log(torch.tensor(ratio))
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
         aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+        w = round((target * aspect) ** 0.5)
+        h = round((target / aspect) ** 0.5)
         if 0 < w <= width and 0 < h <= height:
             top = torch.randint(0, height - h + 1, (1,)).item()
             left = torch.randint(0, width - w + 1, (1,)).item()
@@ -443,15 +474,17 @@ def device_augment(images, img_size, min_scale, interpolation="bicubic"):
 
 class DeviceLoader:
     """The MAE training loader of `--loader device`: persistent workers read bytes, the main
-    process decodes and augments on `device`. epoch(e) yields (images on device, labels, n_bad)
-    like a make_loader loader; its randomness is torch's global RNG (reseeded every epoch by
+    process decodes and augments on `device`. epoch(e, bad_images) yields (images on device,
+    labels) as a make_loader loader does; its randomness is torch's global RNG (reseeded every epoch by
     the training loop), so a resumed run sees the same crops."""
 
     def __init__(self, root, batch_size, seed, device, img_size, min_scale=0.2, rank=0,
                  world_size=1, num_workers=4, split="train", interpolation="bicubic"):
         folder = _imagefolder(root, split)
         self.dataset = FileBytes(folder.samples)
-        self.device, self.img_size, self.min_scale = device, img_size, min_scale
+        self.device = device
+        self.img_size = img_size
+        self.min_scale = min_scale
         self.interpolation = interpolation
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
@@ -466,8 +499,12 @@ class DeviceLoader:
     def __len__(self):
         return len(self.dataset)
 
-    def epoch(self, epoch):
+    def epoch(self, epoch, bad_images=None):
+        """One epoch of (images, labels) on the device, as make_loader's."""
         self.sampler.set_epoch(epoch)
+        return Readable(self.decoded_batches(), bad_images)
+
+    def decoded_batches(self):
         for blobs, labels, n_unread in self.loader:
             images, ok = decode_images(blobs, self.device)
             for good, blob in zip(ok, blobs):

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import HIERA_CONFIGS, Hiera, ViT, build_model, init_mae_weights, load_pretrained
+from hiera import HIERA_CONFIGS, Hiera
+from model import ViT, attention_logits, build_model, init_mae_weights, load_pretrained
 
 
 class DistillError(ValueError):
@@ -111,14 +112,13 @@ def relation_kl(student_scores, teacher_scores):
 def relation_distill_loss(student_qkv, teacher_qkv):
     """TinyMIM Eq. 4 and 9: KL of Q-K plus V-V relations. Each qkv is a tuple of (B, h, N, d_h)
     tensors with the same head count h; the relation scale is 1/sqrt(d_h) of each model."""
-    (q_s, k_s, v_s), (q_t, k_t, v_t) = student_qkv, teacher_qkv
+    (q_s, k_s, v_s) = student_qkv
+    (q_t, k_t, v_t) = teacher_qkv
 
-    def relations(q, k, v):
-        scale = q.shape[-1] ** -0.5
-        return q @ k.transpose(-2, -1) * scale, v @ v.transpose(-2, -1) * scale  # (B, h, N, N)
-
-    qk_s, vv_s = relations(q_s, k_s, v_s)
-    qk_t, vv_t = relations(q_t, k_t, v_t)
+    qk_s = attention_logits(q_s, k_s)  # (B, h, N, N)
+    qk_t = attention_logits(q_t, k_t)
+    vv_s = attention_logits(v_s, v_s)
+    vv_t = attention_logits(v_t, v_t)
     return relation_kl(qk_s, qk_t) + relation_kl(vv_s, vv_t)
 
 
@@ -149,47 +149,52 @@ def split_heads(qkv, heads):
     return qkv.unbind(0)
 
 
-def qkv_logits(q, k):
-    return q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, heads, N, N)
-
-
 # ----------------------------------------------------------------------------------------------
 # The distillation step
 
 
 class DistilledMAE(nn.Module):
-    """Student MAE + frozen teacher + the learnable distillation parts (head maps M,
-    representation maps N, D^2-MAE extra blocks), kept in `self.distiller` (saved with the
-    pre-training checkpoint, never with the exported backbone).
+    """Student MAE + frozen teacher + the learnable distillation parts, one of each per distilled
+    student block L (keys str(L)): head_maps M (attention), rep_maps N (representations), and
+    extra_blocks, D^2-MAE's attention-only blocks. The parts are saved with the pre-training
+    checkpoint (distill_state_dict), never with the exported backbone.
 
-    forward(imgs, mask_ratio) -> (total loss, reconstruction loss, distillation loss).
+    The layout is decided once: block L is "decoupled" (D^2-MAE) when 0 < recon_layer < L; its
+    attention (or relations) then comes from an extra block on block L's output, else from
+    inside block L (D-MAE, TinyMIM).
+
+    forward(imgs, mask_ratio) returns the student's dict (see mae.MAE.forward) with loss = recon
+    + weight * distill, recon_loss and distill_loss.
     """
 
     def __init__(self, student, teacher, student_layers, teacher_layers, target="attn",
                  distill_on="logits", weight=1.0, teacher_input="visible"):
         super().__init__()
-        self.student, self.teacher = student, teacher
-        self.target, self.distill_on, self.weight = target, distill_on, weight
+        validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input)
+        self.student = student
+        self.teacher = teacher
+        self.target = target
+        self.distill_on = distill_on
+        self.weight = weight
         self.teacher_input = teacher_input
         self.layers = list(zip(student_layers, teacher_layers))
-        validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input)
-        recon = student.recon_layer
-        self.distiller = nn.ModuleDict()
+        self.decoupled = {s for s in student_layers
+                          if target in ("attn", "relation") and 0 < student.recon_layer < s}
+        self.head_maps = nn.ParameterDict()  # {L: M (teacher_heads, student_heads)}
+        self.rep_maps = nn.ParameterDict()  # {L: N (d_s, d_t)}
+        self.extra_blocks = nn.ModuleDict()  # {L: AttentionOnly}, D^2-MAE
         for s_layer, t_layer in self.layers:
-            parts = nn.Module()
-            h_s, h_t = block_heads(student, s_layer), block_heads(teacher, t_layer)
             if target == "attn":
-                head_map = torch.empty(h_t, h_s)
+                head_map = torch.empty(teacher.block_heads(t_layer), student.block_heads(s_layer))
                 nn.init.kaiming_uniform_(head_map, a=math.sqrt(5))  # nn.Conv2d's default init
-                parts.head_map = nn.Parameter(head_map)  # M: (teacher_heads, student_heads)
+                self.head_maps[str(s_layer)] = nn.Parameter(head_map)
             if target == "rep":
-                rep_map = torch.empty(block_width(teacher, t_layer), block_width(student, s_layer))
+                rep_map = torch.empty(teacher.block_width(t_layer), student.block_width(s_layer))
                 nn.init.kaiming_uniform_(rep_map, a=math.sqrt(5))  # nn.Linear's default init
-                parts.rep_map = nn.Parameter(rep_map.t().contiguous())  # N: (d_s, d_t)
-            if target in ("attn", "relation") and 0 < recon < s_layer:
-                parts.extra = AttentionOnly(student.embed_dim)  # D^2-MAE's decoupled layout
-            self.distiller[str(s_layer)] = parts
-        if recon == 0:  # distillation alone: the decoder is not used, so not trained
+                self.rep_maps[str(s_layer)] = nn.Parameter(rep_map.t().contiguous())
+            if s_layer in self.decoupled:
+                self.extra_blocks[str(s_layer)] = AttentionOnly(student.embed_dim)
+        if student.recon_layer == 0:  # distillation alone: the decoder is not used, so not trained
             for name, p in student.named_parameters():
                 if name.startswith(("decoder_", "mask_token")):
                     p.requires_grad_(False)
@@ -201,9 +206,10 @@ class DistilledMAE(nn.Module):
 
     def student_requests(self):
         """Which block outputs and attention logits the student must return."""
-        blocks, attn = set(), set()
+        blocks = set()
+        attn = set()
         for s_layer, _ in self.layers:
-            if self.target == "rep" or hasattr(self.distiller[str(s_layer)], "extra"):
+            if self.target == "rep" or s_layer in self.decoupled:
                 blocks.add(s_layer)  # block L's output
             elif self.target == "attn":
                 attn.add(s_layer)  # the logits inside block L
@@ -211,30 +217,25 @@ class DistilledMAE(nn.Module):
                 blocks.add(s_layer - 1)  # block L's input, for its q, k, v
         return blocks, attn
 
-    def teacher_features(self, imgs, ids_keep):
-        """Run the teacher (no grad) on the visible patches in the student's order, or on the
-        whole image and then pick the visible tokens. Returns {teacher_layer: feature}.
-        A Hiera teacher gets the student's keep-mask (B, units) as ids_keep."""
+    def teacher_features(self, imgs, keep):
+        """Run the teacher (no grad) on what the student kept (keep: the visible patches (B, K)
+        of a ViT, the kept mask units (B, units) of a Hiera), or with --teacher-input full on the
+        whole image, then pick the visible tokens. Returns {teacher_layer: feature}."""
         teacher = self.teacher
-        if isinstance(teacher, Hiera):
-            t_layers = [t for _, t in self.layers]
-            attn = t_layers if self.target == "attn" else ()
-            _, block_out, attn_logits = teacher.forward_features(
-                imgs, ids_keep, max(t_layers), () if attn else t_layers, attn)
-            return attn_logits if attn else block_out
-        tokens = teacher.embed(imgs)  # (B, L, D_t)
-        if self.teacher_input == "visible":
-            tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[2]))
-        x = teacher.prepend_cls(tokens)  # (B, 1 + K, D_t) or (B, 1 + L, D_t)
         t_layers = [t for _, t in self.layers]
-        blocks = {t - 1 for t in t_layers} if self.target == "relation" else set(t_layers)
-        attn = set(t_layers) if self.target == "attn" else set()
-        _, block_out, attn_logits = teacher.run_blocks(
-            x, max(t_layers), blocks if self.target != "attn" else (), attn)
+        full = self.teacher_input == "full"
+        if self.target == "attn":
+            blocks = ()
+            attn = t_layers
+        else:  # representations: block outputs; relations: block inputs, for their q, k, v
+            blocks = [t - 1 if self.target == "relation" else t for t in t_layers]
+            attn = ()
+        _, block_out, attn_logits = teacher.forward_features(
+            imgs, keep=None if full else keep, depth=max(t_layers), return_blocks=blocks,
+            return_attn=attn)
         index = None
-        if self.teacher_input == "full":  # the visible tokens: cls and 1 + ids_keep
-            cls = torch.zeros_like(ids_keep[:, :1])
-            index = torch.cat([cls, ids_keep + 1], dim=1)  # (B, 1 + K)
+        if full:  # the visible tokens: cls and 1 + ids_keep
+            index = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], dim=1)  # (B, 1 + K)
         feats = {}
         for t in t_layers:
             if self.target == "attn":
@@ -244,15 +245,14 @@ class DistilledMAE(nn.Module):
             else:
                 block = teacher.blocks[t - 1]
                 qkv = pick_tokens(block.attn.qkv(block.norm1(block_out[t - 1])), index, (1,))
-                feats[t] = split_heads(qkv, teacher.num_heads)
+                feats[t] = split_heads(qkv, teacher.block_heads(t))
         return feats
 
     def student_qkv(self, s_layer, block_out):
         """(B, N, 3D) qkv projection that student layer L is distilled through: the extra
         attention-only block on block L's output (D^2-MAE), else block L's own on its input."""
-        extra = getattr(self.distiller[str(s_layer)], "extra", None)
-        if extra is not None:
-            return extra(block_out[s_layer])
+        if s_layer in self.decoupled:
+            return self.extra_blocks[str(s_layer)](block_out[s_layer])
         block = self.student.blocks[s_layer - 1]
         return block.attn.qkv(block.norm1(block_out[s_layer - 1]))
 
@@ -261,21 +261,23 @@ class DistilledMAE(nn.Module):
         (MAE-Lite adds each layer's MSE; `--distill-layer 1,...,12` weighs 12 layers 12 times)."""
         total = 0.0
         for s_layer, t_layer in self.layers:
-            parts, target = self.distiller[str(s_layer)], teacher_feats[t_layer]
-            if self.target == "rep" and isinstance(self.student, Hiera):  # raw block outputs
-                loss = representation_distill_loss(block_out[s_layer], target, parts.rep_map)
-            elif self.target == "rep":
+            target = teacher_feats[t_layer]
+            key = str(s_layer)
+            if self.target == "rep":
                 rep = self.student.layer_representation(block_out, s_layer)
-                loss = representation_distill_loss(rep, target, parts.rep_map)
-            elif self.target == "attn" and s_layer in attn_logits:  # inside block L (D-MAE)
-                loss = attention_distill_loss(attn_logits[s_layer], target, parts.head_map,
-                                              self.distill_on)
-            elif self.target == "attn":  # from the extra block (D^2-MAE)
-                q, k, _ = split_heads(self.student_qkv(s_layer, block_out), self.student.num_heads)
-                loss = attention_distill_loss(qkv_logits(q, k), target, parts.head_map,
+                loss = representation_distill_loss(rep, target, self.rep_maps[key])
+            elif self.target == "attn":
+                if s_layer in self.decoupled:  # from the extra block (D^2-MAE)
+                    q, k, _ = split_heads(self.student_qkv(s_layer, block_out),
+                                          self.student.block_heads(s_layer))
+                    logits = attention_logits(q, k)
+                else:  # inside block L (D-MAE)
+                    logits = attn_logits[s_layer]
+                loss = attention_distill_loss(logits, target, self.head_maps[key],
                                               self.distill_on)
             else:  # relations with the teacher's head count (TinyMIM's head alignment)
-                qkv = split_heads(self.student_qkv(s_layer, block_out), self.teacher.num_heads)
+                qkv = split_heads(self.student_qkv(s_layer, block_out),
+                                  self.teacher.block_heads(t_layer))
                 loss = relation_distill_loss(qkv, target)
             total = total + loss
         return total
@@ -283,28 +285,36 @@ class DistilledMAE(nn.Module):
     def forward(self, imgs, mask_ratio=0.75, noise=None, teacher_imgs=None):
         """teacher_imgs: the teacher's view of the same crop (TinyMIM: without the student's
         colour jitter); None: the student's images."""
-        student = self.student  # an mae.MAE or mae.HieraMAE
-        teacher_imgs = imgs if teacher_imgs is None else teacher_imgs
         blocks, attn = self.student_requests()
-        if isinstance(student, Hiera):  # the teacher sees the student's kept mask units
-            latent, keep, (block_out, attn_logits) = student.forward_encoder(
-                imgs, mask_ratio, noise, return_blocks=blocks, return_attn=attn)
-            pred = student.forward_decoder(latent, keep)
-            recon_loss = student.forward_loss(imgs, pred, student.removed_patches(keep))
-            with torch.no_grad():
-                teacher_feats = self.teacher_features(teacher_imgs, keep)
-            distill_loss = self.distill_loss(block_out, attn_logits, teacher_feats)
-            return recon_loss + self.weight * distill_loss, recon_loss, distill_loss
-        latent, mask, ids_restore, ids_keep, (block_out, attn_logits) = student.forward_encoder(
-            imgs, mask_ratio, noise, return_blocks=blocks, return_attn=attn)
-        recon_loss = torch.zeros((), device=imgs.device)
-        if latent is not None:
-            pred = student.forward_decoder(latent, ids_restore)
-            recon_loss = student.forward_loss(imgs, pred, mask)
+        out = self.student(imgs, mask_ratio, noise, return_blocks=blocks, return_attn=attn)
         with torch.no_grad():
-            teacher_feats = self.teacher_features(teacher_imgs, ids_keep)
-        distill_loss = self.distill_loss(block_out, attn_logits, teacher_feats)
-        return recon_loss + self.weight * distill_loss, recon_loss, distill_loss
+            teacher_feats = self.teacher_features(imgs if teacher_imgs is None else teacher_imgs,
+                                                  out["keep"])
+        distill_loss = self.distill_loss(out["blocks"], out["attn"], teacher_feats)
+        return dict(out, loss=out["loss"] + self.weight * distill_loss, recon_loss=out["loss"],
+                    distill_loss=distill_loss)
+
+    def distill_state_dict(self):
+        """The learnable distillation parts ("head_maps.12", "extra_blocks.12.qkv.weight", ...)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith(("head_maps.", "rep_maps.", "extra_blocks."))}
+
+    def load_distill_state_dict(self, state):
+        """Load distill_state_dict(), also in the layout of checkpoints written before the
+        parts were named ("12.head_map", "12.rep_map", "12.extra.qkv.weight")."""
+        renamed = {}
+        for key, value in state.items():
+            layer, part, *rest = key.split(".")
+            if layer.isdigit():  # the earlier layout
+                group = {"head_map": "head_maps", "rep_map": "rep_maps", "extra": "extra_blocks"}
+                key = ".".join([group[part], layer, *rest])
+            renamed[key] = value
+        expected = self.distill_state_dict().keys()
+        if set(renamed) != set(expected):
+            raise DistillError(f"the checkpoint's distillation parts ({', '.join(sorted(renamed))}"
+                               f") are not this layout's ({', '.join(sorted(expected))}); resume "
+                               "with the flags of the run that wrote it")
+        self.load_state_dict(renamed, strict=False)
 
 
 def pick_tokens(x, index, dims):
@@ -317,15 +327,6 @@ def pick_tokens(x, index, dims):
         view = [index.shape[0]] + [index.shape[1] if d == dim else 1 for d in range(1, x.ndim)]
         x = torch.gather(x, dim, index.view(view).expand(shape))
     return x
-
-
-def block_heads(model, layer):
-    """Attention heads of a 1-indexed block (Hiera doubles them at every stage)."""
-    return model.blocks[layer - 1].attn.heads if isinstance(model, Hiera) else model.num_heads
-
-
-def block_width(model, layer):
-    return model.blocks[layer - 1].dim_out if isinstance(model, Hiera) else model.embed_dim
 
 
 def validate_hiera_layout(student, teacher, student_layers, teacher_layers, target):
@@ -342,10 +343,13 @@ def validate_hiera_layout(student, teacher, student_layers, teacher_layers, targ
     imgs = torch.zeros(1, 3, *student.img_size)
     keep = student.random_unit_mask(1, 0.5)
     with torch.no_grad():
-        _, s_out, _ = student.forward_features(imgs, keep, max(student_layers), student_layers)
-        _, t_out, _ = teacher.forward_features(imgs, keep, max(teacher_layers), teacher_layers)
+        _, s_out, _ = student.forward_features(imgs, keep=keep, depth=max(student_layers),
+                                               return_blocks=student_layers)
+        _, t_out, _ = teacher.forward_features(imgs, keep=keep, depth=max(teacher_layers),
+                                               return_blocks=teacher_layers)
     for s, t in zip(student_layers, teacher_layers):
-        s_tok, t_tok = s_out[s].shape[1], t_out[t].shape[1]
+        s_tok = s_out[s].shape[1]
+        t_tok = t_out[t].shape[1]
         s_win = student.blocks[s - 1].attn.use_mask_unit_attn
         if s_tok != t_tok or s_win != teacher.blocks[t - 1].attn.use_mask_unit_attn:
             raise DistillError(f"student block {s} ({s_tok} tokens) and teacher block {t} "

@@ -14,6 +14,7 @@ A recipe is a set of defaults (RECIPES below); every flag overrides its entry.
 """
 import argparse
 import copy
+import itertools
 import os
 import sys
 import time
@@ -30,8 +31,9 @@ from tqdm import tqdm
 
 import data
 import plumbing
-from model import (HIERA_CONFIGS, PRESETS, VIT_CONFIGS, CheckpointError, build_model,
-                   load_pretrained, read_state_dict)
+from hiera import HIERA_CONFIGS
+from model import (PRESETS, VIT_CONFIGS, CheckpointError, build_model, load_pretrained,
+                   read_state_dict)
 
 # The papers' recipes. Batch sizes are per process; lr = blr * (batch * accum * GPUs) / 256, so
 # the published batch (1024 for impr/mae) is e.g. --batch-size 256 on 4 GPUs or --accum-iter 4.
@@ -53,7 +55,7 @@ RECIPES = {
     # Nesterov SGD (momentum 0.9), gradient norm clipped at 1.0, min lr 1e-6, layer decay 0.75
     # (the papers' sweep also tries 1.0); absolute lr swept (--lr 0.01,0.03,0.1); epochs and
     # warmup per dataset from the table (e.g. Flowers 150/30, Cars 50/10).
-    "transfer": dict(opt="sgd", lr="0.01,0.03,0.1", weight_decay=0.0, layer_decay=0.75,
+    "transfer": dict(opt="sgd", lr=[0.01, 0.03, 0.1], weight_decay=0.0, layer_decay=0.75,
                      epochs=100, warmup_epochs=20, min_lr=1e-6, batch_size=512, rand_aug=0,
                      rand_aug_std=0.0, color_jitter=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
                      drop_path=0.0, reprob=0.0, global_pool="avg", clip_grad=1.0,
@@ -261,9 +263,7 @@ def evaluate(model, loader, device, precision):
     """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes."""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, images
-    for imgs, labels, _ in loader:
-        if imgs is None:
-            continue
+    for imgs, labels in loader:
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with plumbing.autocast(device, precision):
             logits = model(imgs).float()  # (B, classes)
@@ -300,7 +300,8 @@ class LARS(torch.optim.Optimizer):
                 update = p.grad
                 if p.ndim > 1:
                     update = update.add(p, alpha=g["weight_decay"])
-                    w_norm, u_norm = torch.norm(p), torch.norm(update)
+                    w_norm = torch.norm(p)
+                    u_norm = torch.norm(update)
                     trust = torch.where((w_norm > 0) & (u_norm > 0),
                                         g["trust_coefficient"] * w_norm / u_norm, 1.0)
                     update = update * trust
@@ -325,130 +326,156 @@ def build_optimizer(args, model, lr, device):
 # Command line
 
 
+def lr_list(text):
+    """argparse type of --lr: '0.01,0.03' -> [0.01, 0.03] (one run each)."""
+    try:
+        return [float(x) for x in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number or numbers separated by "
+                                         "commas") from None
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description="Fine-tune, transfer or linearly probe a ViT.")
+    """The flags, with the impr recipe's defaults on real data (ImageNet-1k); parse_args layers
+    the chosen recipe's, the synthetic demo's and the --init checkpoint's on top."""
+    r = RECIPES["impr"]
+    p = argparse.ArgumentParser(description="Fine-tune, transfer or linearly probe a ViT.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", default=None,
                    help="checkpoint to start from (ours, FAIR MAE, MAE-Lite, timm); none: scratch")
     p.add_argument("--recipe", default="impr", choices=sorted(RECIPES),
                    help="set of defaults: impr (papers), mae (FAIR), transfer, linprobe")
-    p.add_argument("--model", default=None, choices=sorted(PRESETS) + sorted(HIERA_CONFIGS),
-                   help="architecture (default: the --init checkpoint's, else vit_tiny)")
-    p.add_argument("--img-size", type=int, default=None, help="default 224 (synthetic: 32)")
-    p.add_argument("--patch-size", type=int, default=None, help="default 16 (synthetic: 4)")
-    p.add_argument("--global-pool", default=None, choices=["avg", "token"],
-                   help="classifier input: mean of patch tokens or the cls token")
+    p.add_argument("--model", default="vit_tiny", choices=sorted(PRESETS) + sorted(HIERA_CONFIGS),
+                   help="architecture (an --init checkpoint of ours: its own)")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="input size in pixels (synthetic: 32, Hiera 64; --init of ours: its own)")
+    p.add_argument("--patch-size", type=int, default=16,
+                   help="patch size in pixels (synthetic: 4; --init of ours: its own)")
+    p.add_argument("--global-pool", default=r["global_pool"], choices=["avg", "token"],
+                   help="classifier input: mean of patch tokens or the cls token (linprobe)")
     p.add_argument("--rel-pos", action="store_true", help="relative position bias in each block")
     p.add_argument("--keep-blocks", type=int, default=None,
-                   help="keep the first k loaded blocks, re-initialise the rest")
+                   help="keep the first k loaded blocks, re-initialise the rest (none: keep all)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic", choices=data.DATASETS)
+    g.add_argument("--data", default="synthetic", choices=data.DATASETS, help="dataset")
     g.add_argument("--data-root", default=None, help="folder that holds the dataset")
     g.add_argument("--download", action="store_true", help="let torchvision download the data")
     g.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
     g.add_argument("--max-images", type=int, default=None,
-                   help="use at most this many images of each split (quick experiments)")
-    g.add_argument("--num-workers", type=int, default=None,
-                   help="data-loading processes per GPU (default: min(8, CPU cores))")
-    g = p.add_argument_group("optimisation (defaults from --recipe)")
-    g.add_argument("--opt", default=None, choices=["adamw", "sgd", "lars"],
-                   help="adamw (0.9, 0.999); sgd: Nesterov, momentum 0.9; lars (linprobe)")
-    g.add_argument("--clip-grad", type=float, default=None,
-                   help="clip the gradient norm to this value (transfer 1.0; others and 0: "
-                        "no clipping)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per GPU per step")
+                   help="use at most this many images of each split (none: all)")
+    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes per GPU")
+    g = p.add_argument_group("optimisation (defaults: the --recipe's, RECIPES in finetune.py)")
+    g.add_argument("--opt", default=r["opt"], choices=["adamw", "sgd", "lars"],
+                   help="adamw (0.9, 0.999); sgd: Nesterov, momentum 0.9 (transfer); lars "
+                        "(linprobe)")
+    g.add_argument("--clip-grad", type=float, default=r["clip_grad"],
+                   help="clip the gradient norm to this value (transfer 1.0; none or 0: no "
+                        "clipping)")
+    g.add_argument("--batch-size", type=int, default=r["batch_size"],
+                   help="images per GPU per step (synthetic: 64)")
     g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--warmup-epochs", type=int, default=None)
-    g.add_argument("--blr", type=float, default=None, help="base lr: lr = blr * batch / 256")
-    g.add_argument("--lr", default=None,
-                   help="absolute lr, or a comma list (one run each, then a table)")
-    g.add_argument("--min-lr", type=float, default=None)
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--layer-decay", type=float, default=None,
-                   help="layer-wise lr decay (impr 0.85, mae 0.65, transfer 0.75; the papers "
+    g.add_argument("--epochs", type=int, default=r["epochs"], help="training epochs "
+                   "(synthetic: 10)")
+    g.add_argument("--warmup-epochs", type=int, default=r["warmup_epochs"],
+                   help="linear warmup epochs (synthetic: 1)")
+    g.add_argument("--blr", type=float, default=r["blr"], help="base lr: lr = blr * batch / 256")
+    g.add_argument("--lr", type=lr_list, default=None,
+                   help="absolute lr, or a comma list: one run each, then a table (transfer: "
+                        "0.01,0.03,0.1; none: from --blr)")
+    g.add_argument("--min-lr", type=float, default=r["min_lr"], help="lr at the end of the cosine")
+    g.add_argument("--weight-decay", type=float, default=r["weight_decay"], help="weight decay")
+    g.add_argument("--layer-decay", type=float, default=r["layer_decay"],
+                   help="layer-wise lr decay (mae 0.65, transfer 0.75, linprobe 1; the papers "
                         "use 0.75 for contrastive checkpoints)")
-    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
-    g.add_argument("--head-init-std", type=float, default=None,
-                   help="std of the trunc-normal head init (impr/transfer 0.02 as timm, mae "
-                        "2e-5 as FAIR, linprobe 0.01; Hiera fine-tuning keeps Hiera's own)")
+    g.add_argument("--drop-path", type=float, default=r["drop_path"],
+                   help="stochastic depth rate (mae 0.1)")
+    g.add_argument("--head-init-std", type=float, default=r["head_init_std"],
+                   help="std of the trunc-normal head init (transfer 0.02 as timm, mae 2e-5 as "
+                        "FAIR, linprobe 0.01; Hiera fine-tuning: none, Hiera's own)")
     g.add_argument("--fresh-init", default="timm", choices=["timm", "mae"],
                    help="how a ViT's weights that --init does not give are drawn (all of them "
                         "from scratch; the blocks after --keep-blocks): timm's init, as the "
                         "papers' code, or MAE's (xavier, fixed sin-cos position embedding)")
-    g = p.add_argument_group("augmentation (defaults from --recipe)")
+    g = p.add_argument_group("augmentation (defaults: the --recipe's)")
     g.add_argument("--min-crop-scale", type=float, default=0.08,
                    help="smallest RandomResizedCrop area (all recipes: 0.08)")
-    g.add_argument("--rand-aug", type=float, default=None,
-                   help="RandAugment magnitude on timm's 0-10 scale (0: off)")
-    g.add_argument("--rand-aug-std", type=float, default=None, help="std of that magnitude")
-    g.add_argument("--color-jitter", type=float, default=None,
+    g.add_argument("--rand-aug", type=float, default=r["rand_aug"],
+                   help="RandAugment magnitude on timm's 0-10 scale (mae 9; 0: off)")
+    g.add_argument("--rand-aug-std", type=float, default=r["rand_aug_std"],
+                   help="std of that magnitude, drawn per op")
+    g.add_argument("--color-jitter", type=float, default=r["color_jitter"],
                    help="colour jitter strength (applied only when RandAugment is off, as timm)")
-    g.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
-    g.add_argument("--smoothing", type=float, default=None, help="label smoothing")
-    g.add_argument("--reprob", type=float, default=None, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=r["mixup"], help="mixup alpha (mae 0.8; 0: off)")
+    g.add_argument("--cutmix", type=float, default=r["cutmix"], help="cutmix alpha (mae 1; 0: off)")
+    g.add_argument("--smoothing", type=float, default=r["smoothing"],
+                   help="label smoothing (mae 0.1)")
+    g.add_argument("--reprob", type=float, default=r["reprob"],
+                   help="random erasing probability (mae 0.25)")
     g = p.add_argument_group("run")
     g.add_argument("--eval", action="store_true", help="evaluate --init and exit")
     g.add_argument("--export", default=None, metavar="PATH",
                    help="write --init as a plain state dict for timm's VisionTransformer, exit")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere)")
+    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on for CUDA)")
     g.add_argument("--out-dir", default="out/finetune", help="checkpoints and log.jsonl")
-    g.add_argument("--resume", default=None, help="continue a run from its checkpoint.pth")
+    g.add_argument("--resume", default=None,
+                   help="continue a run from its checkpoint.pth; flags not given take its run's")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint-<epoch>.pth every this many epochs (0: never)")
     g.add_argument("--log-every", type=int, default=20, help="log every this many steps")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 
 
-def fill_defaults(args):
-    """Unset flags come from: the --init checkpoint (architecture; for --eval/--export also the
-    head layout), then the synthetic demo sizes, then the recipe."""
-    taken = plumbing.inherit_resumed_args(args)
-    if taken:
-        plumbing.print0(f"--resume: {', '.join(taken)} taken from the checkpoint's run")
-    source = plumbing.checkpoint_args(args.init) if args.init and os.path.isfile(args.init) else {}
-    inherit = ["model", "patch_size", "img_size"]
-    if (args.eval or args.export) and "recipe" in source:  # one of our fine-tuned files
-        inherit += ["global_pool"]
-        args.recipe = source["recipe"]
-        args.rel_pos = args.rel_pos or source.get("rel_pos", False)
-    for name in inherit:
-        if getattr(args, name) is None and source.get(name) is not None:
-            setattr(args, name, source[name])
-    args.model = args.model or "vit_tiny"
-    small = args.data == "synthetic"
-    for name, value in dict(img_size=224, patch_size=16).items():
-        if getattr(args, name) is None:
-            setattr(args, name, SYNTHETIC[name] if small else value)
-    if small and args.model in HIERA_CONFIGS and args.img_size == SYNTHETIC["img_size"]:
-        args.img_size = 64  # Hiera needs multiples of 32 px and more than one mask unit
-    if args.model in HIERA_CONFIGS and args.global_pool is None:
-        args.global_pool = "avg"  # Hiera's only pooling, whatever the recipe
-    for name, value in RECIPES[args.recipe].items():
-        if name == "head_init_std" and args.model in HIERA_CONFIGS and args.recipe != "linprobe":
-            continue  # Hiera keeps its own head init (official: 0.02 x 0.001) unless asked
-        if getattr(args, name, None) is None:
-            setattr(args, name, SYNTHETIC[name] if small and name in SYNTHETIC else value)
-    if args.blr is None:
-        args.blr = 1e-3
-    if args.num_workers is None:
-        args.num_workers = min(8, os.cpu_count() or 1)
+def parse_args(argv=None):
+    """Flags -> checked args. The defaults are layered once, before the real parse: the recipe
+    (for --eval / --export of one of our fine-tuned files: the file's recipe and head layout),
+    the synthetic demo's sizes, the --init checkpoint's architecture, and with --resume the
+    flags of the run it continues; a flag given on the command line wins over all of them."""
+    parser = get_parser()
+    given, _ = parser.parse_known_args(argv)
+    source = plumbing.checkpoint_args(given.init) if given.init else {}
+    recipe = given.recipe
+    if (given.eval or given.export) and "recipe" in source:  # one of our fine-tuned files
+        recipe = source["recipe"]
+        parser.set_defaults(recipe=recipe, global_pool=source.get("global_pool"),
+                            rel_pos=source.get("rel_pos", False))
+    layers = [dict(RECIPES[recipe])]
+    if given.data == "synthetic":
+        layers.append(SYNTHETIC)
+    layers.append({k: source[k] for k in ("model", "img_size", "patch_size") if k in source})
+    for layer in layers:
+        parser.set_defaults(**layer)
+    if given.resume:
+        resumed = plumbing.resumed_defaults(given.resume, vars(given))
+        if isinstance(resumed.get("lr"), float):  # written before --lr was parsed as a list
+            resumed["lr"] = [resumed["lr"]]
+        parser.set_defaults(**resumed)
+        plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
+                        f"{given.resume}")
+    model, _ = parser.parse_known_args(argv)
+    if model.model in HIERA_CONFIGS:  # mean-pooled, 32-px multiples, its own head init
+        parser.set_defaults(global_pool="avg")
+        if given.data == "synthetic" and "img_size" not in source:
+            parser.set_defaults(img_size=64)
+        if recipe != "linprobe":
+            parser.set_defaults(head_init_std=None)
+    args = parser.parse_args(argv)
+    validate(args, parser)
     return args
 
 
 def validate(args, parser):
+    """The rules that tie flags together, with a message that names the fix."""
     hiera = args.model in HIERA_CONFIGS
     if hiera and (args.rel_pos or args.global_pool == "token"):
         parser.error("Hiera mean-pools its tokens and has no relative position bias: drop "
                      "--rel-pos / --global-pool token")
     if hiera and args.img_size % 32:
         parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera")
-    try:
-        args.lrs = [None] if args.lr is None else [float(x) for x in str(args.lr).split(",")]
-    except ValueError:
-        parser.error(f"--lr {args.lr!r} must be a number or numbers separated by commas")
     depth = sum(HIERA_CONFIGS[args.model]["stages"]) if hiera else VIT_CONFIGS[args.model]["depth"]
     if args.keep_blocks is not None:
         if args.init is None:
@@ -458,7 +485,7 @@ def validate(args, parser):
                          f"({args.model} has {depth} blocks)")
     if (args.eval or args.export) and args.init is None:
         parser.error("--eval / --export need --init (the checkpoint to evaluate or export)")
-    if len(args.lrs) > 1 and args.resume:
+    if args.lr is not None and len(args.lr) > 1 and args.resume:
         parser.error("--resume continues one run; give a single --lr")
     if not hiera and args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
@@ -544,9 +571,9 @@ def train(args):
     val_set = limit(val_set, args.max_images)
     module = prepare_model(args, num_classes, device)
     compiled = plumbing.maybe_compile(module, use_compile)
-    val_loader = data.make_loader(val_set, args.batch_size, 0, args.seed, rank, world_size,
-                                  args.num_workers, shuffle=False, drop_last=False,
-                                  pin_memory=device.type == "cuda")
+    val_loader = data.make_loader(val_set, args.batch_size, 0, args.seed, rank=rank,
+                                  world_size=world_size, num_workers=args.num_workers,
+                                  shuffle=False, drop_last=False, pin_memory=device.type == "cuda")
     if args.eval:
         result = evaluate(compiled, val_loader, device, precision)
         plumbing.print0(f"{args.init}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%"
@@ -564,20 +591,25 @@ def train(args):
         raise data.DataError(f"{len(train_set)} images are fewer than one step needs; lower "
                              "--batch-size or --accum-iter")
     eff_batch = args.batch_size * args.accum_iter * world_size
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    lr = args.lr[0] if args.lr else args.blr * eff_batch / 256  # one run: one lr
     optimizer = build_optimizer(args, module, lr, device)
     mixing = build_mixing(args, num_classes)
-    start_epoch, step, best = 0, 0, {"top1": -1.0}
-    counts = {"skipped_images": 0, "seen_images": 0}
+    start_epoch = 0
+    step = 0
+    best = {"top1": -1.0}
+    bad_images = data.BadImages()
     if args.resume:
         ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-        counts = {k: ckpt[k] for k in counts}
+        start_epoch = ckpt["epoch"] + 1
+        step = ckpt["step"]
+        best = ckpt["best"]
+        bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
         plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
     model = plumbing.wrap_ddp(compiled, device)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     plumbing.print0(f"{args.model} {args.recipe} | {trainable / 1e6:.2f}M trainable params | "
                     f"{args.data}: {len(train_set)} train / {len(val_set)} val, {num_classes} "
@@ -586,17 +618,20 @@ def train(args):
     if args.rand_aug > 0 and args.color_jitter > 0:
         plumbing.print0("note: colour jitter is off while RandAugment is on (timm's behaviour)")
 
-    loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    t0 = time.time()
     result = best
     for epoch in range(start_epoch, args.epochs):
         plumbing.seed_everything(args.seed, epoch, rank)
         model.train()
-        loader = data.make_loader(train_set, args.batch_size, epoch, args.seed, rank, world_size,
-                                  args.num_workers, pin_memory=device.type == "cuda")
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+        loader = data.make_loader(train_set, args.batch_size, epoch, args.seed, rank=rank,
+                                  world_size=world_size, num_workers=args.num_workers,
+                                  pin_memory=device.type == "cuda", bad_images=bad_images)
+        batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
-        for it, imgs, labels in data.good_batches(bar, steps_per_epoch * args.accum_iter,
-                                                  args.batch_size, counts):
+        for it, (imgs, labels) in enumerate(bar):
             if it % args.accum_iter == 0:
                 plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
                                                               lr, args.min_lr))
@@ -620,7 +655,9 @@ def train(args):
                           images_per_s=loss_count * args.batch_size * world_size
                           / (time.time() - t0))
                 bar.set_postfix(loss=f"{mean:.4f}")
-                loss_sum, loss_count, t0 = torch.zeros((), device=device), 0, time.time()
+                loss_sum = torch.zeros((), device=device)
+                loss_count = 0
+                t0 = time.time()
         if loss_count:
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
                                   last_path)
@@ -634,7 +671,7 @@ def train(args):
         if is_main:
             state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                      "epoch": epoch, "step": step, "args": vars(args), "best": best,
-                     "metrics": result, **counts}
+                     "metrics": result, **bad_images.state_dict()}
             plumbing.save_checkpoint(state, last_path)
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 plumbing.save_checkpoint(state, os.path.join(args.out_dir,
@@ -648,10 +685,10 @@ def train(args):
 def sweep(args):
     """Run train() once per --lr, each in its own folder; print the table of results."""
     rows = []
-    for lr in args.lrs:
+    for lr in args.lr or [None]:
         run = copy.copy(args)
-        run.lr = lr
-        if len(args.lrs) > 1:
+        run.lr = None if lr is None else [lr]
+        if args.lr and len(args.lr) > 1:
             run.out_dir = os.path.join(args.out_dir, f"lr{lr:g}")
         rows.append((lr, train(run)))
     if len(rows) > 1:
@@ -663,9 +700,7 @@ def sweep(args):
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = fill_defaults(parser.parse_args(argv))
-    validate(args, parser)
+    args = parse_args(argv)
     try:
         if args.export:
             return export(args)

@@ -8,6 +8,7 @@ random_masking, forward_encoder, forward_decoder, forward_loss. Its state-dict k
 (encoder keys at the top level, decoder_*), so our checkpoints load in FAIR's and timm's code.
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -19,8 +20,8 @@ from tqdm import tqdm
 import data
 import distill
 import plumbing
-from model import (HIERA_CONFIGS, VIT_CONFIGS, Block, CheckpointError, Hiera, ViT,
-                   init_mae_weights, sincos_pos_embed)
+from hiera import HIERA_CONFIGS, Hiera
+from model import VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, sincos_pos_embed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,7 +40,8 @@ def patchify(imgs, patch_size):
 def unpatchify(x, patch_size, grid, channels=3):
     """(B, L, p*p*C) -> (B, C, H, W); the inverse of patchify."""
     B = x.shape[0]
-    p, (h, w) = patch_size, grid
+    p = patch_size
+    (h, w) = grid
     x = x.reshape(B, h, w, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
     return x.reshape(B, channels, h * p, w * p)
@@ -96,15 +98,16 @@ class MAE(ViT):
         init_mae_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks,
                                         self.decoder_norm, self.decoder_pred]))
         nn.init.normal_(self.mask_token, std=0.02)
-        assert self.decoder_pos_embed.shape[1] == num_patches + 1
         # what reconstruction_grid needs: predicted patches and the masking noise per image
-        self.recon_patch, self.recon_grid, self.mask_slots = patch_size, self.grid, num_patches
+        self.recon_patch = patch_size
+        self.recon_grid = self.grid
+        self.mask_slots = num_patches
 
     def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
-        """Encode the visible patches. Returns (latent, mask, ids_restore, ids_keep, extras):
-        latent (B, 1 + K, D) is the normalised output of block `recon_layer`, cls first (None
-        when recon_layer is 0); extras = ({block: output}, {block: attention logits}) for the
-        blocks asked for (block 0: the input tokens)."""
+        """Encode the visible patches. Returns (latent, mask, ids_restore, ids_keep, block_out,
+        attn_logits): latent (B, 1 + K, D) is the normalised output of block `recon_layer`, cls
+        first (None when recon_layer is 0); block_out / attn_logits hold {block: output} /
+        {block: attention logits} for the blocks asked for (block 0: the input tokens)."""
         x = self.embed(imgs)  # (B, L, D), position added before masking
         x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, noise)
         x = self.prepend_cls(x)  # (B, 1 + K, D)
@@ -112,7 +115,7 @@ class MAE(ViT):
         x, block_out, attn_logits = self.run_blocks(x, depth, {self.recon_layer, *return_blocks},
                                                     return_attn)
         latent = self.norm(block_out[self.recon_layer]) if self.recon_layer else None
-        return latent, mask, ids_restore, ids_keep, (block_out, attn_logits)
+        return latent, mask, ids_restore, ids_keep, block_out, attn_logits
 
     def forward_decoder(self, latent, ids_restore):
         """(B, 1 + K, D) latent -> (B, L, p*p*C) pixel predictions for every patch."""
@@ -138,10 +141,19 @@ class MAE(ViT):
         loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L), per patch
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
-        latent, mask, ids_restore, _, _ = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+    def forward(self, imgs, mask_ratio=0.75, noise=None, return_blocks=(), return_attn=()):
+        """One MAE step. Returns a dict, the same for every pre-training model (HieraMAE,
+        distill.DistilledMAE): loss (the reconstruction loss; 0 when recon_layer is 0), pred
+        (B, L, p*p*C) or None, mask (B, L) with 1 = removed, keep (B, K) the visible patches (what
+        a teacher must see), blocks / attn: {block: output} / {block: logits} asked for."""
+        latent, mask, ids_restore, ids_keep, blocks, attn = self.forward_encoder(
+            imgs, mask_ratio, noise, return_blocks, return_attn)
+        loss = torch.zeros((), device=imgs.device)
+        pred = None
+        if latent is not None:
+            pred = self.forward_decoder(latent, ids_restore)
+            loss = self.forward_loss(imgs, pred, mask)
+        return dict(loss=loss, pred=pred, mask=mask, keep=ids_keep, blocks=blocks, attn=attn)
 
 
 class HieraMAE(Hiera):
@@ -164,7 +176,8 @@ class HieraMAE(Hiera):
                          num_heads=num_heads, num_classes=0, stages=stages, q_pool=q_pool,
                          mask_unit_size=mask_unit_size, mlp_ratio=mlp_ratio)
         del self.norm, self.head
-        dim, self.norm_pix_loss = self.num_features, norm_pix_loss
+        dim = self.num_features
+        self.norm_pix_loss = norm_pix_loss
         self.recon_layer = self.depth  # the decoder reads the last stage (fused with earlier)
         self.unit_final = mask_unit_size // 2 ** q_pool  # tokens per unit side at the decoder
         self.fused_blocks = self.stage_ends[:q_pool] + [self.depth]
@@ -193,10 +206,11 @@ class HieraMAE(Hiera):
 
     def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
         """Returns (latent (B, K, u, u, D) for the K kept units, keep-mask (B, units) with True
-        = kept, ({block: output}, {block: logits}))."""
+        = kept, {block: output}, {block: logits})."""
         keep = self.random_unit_mask(imgs.shape[0], mask_ratio, noise, imgs.device)
         _, block_out, attn_logits = self.forward_features(
-            imgs, keep, return_blocks={*self.fused_blocks, *return_blocks}, return_attn=return_attn)
+            imgs, keep=keep, return_blocks={*self.fused_blocks, *return_blocks},
+            return_attn=return_attn)
         latent = 0
         for block, head in zip(self.fused_blocks, self.multi_scale_fusion_heads):
             units = self.unit_layout(block_out[block], block)  # (B, K, u_b, u_b, C_b)
@@ -205,13 +219,15 @@ class HieraMAE(Hiera):
                 units = head(units.reshape(B * K, u, u, C).permute(0, 3, 1, 2))  # (BK, D, u', u')
                 units = units.permute(0, 2, 3, 1).reshape(B, K, *units.shape[2:], -1)
             latent = latent + units
-        return self.encoder_norm(latent), keep, (block_out, attn_logits)
+        return self.encoder_norm(latent), keep, block_out, attn_logits
 
     def forward_decoder(self, latent, keep):
         """Kept units' latents + mask tokens for removed units -> (B, L, p*p*C) predictions for
         the L patches of the final-stride grid, in raster order."""
         x = self.decoder_embed(latent)  # (B, K, u, u, Dd)
-        B, u, Dd = keep.shape[0], self.unit_final, x.shape[-1]
+        B = keep.shape[0]
+        u = self.unit_final
+        Dd = x.shape[-1]
         full = self.mask_token.to(x.dtype).expand(B, self.num_units, u * u, Dd).clone()
         full[keep] = x.reshape(-1, u * u, Dd)  # kept units, in unit order, into their slots
         mh, mw = self.mask_grid
@@ -229,11 +245,14 @@ class HieraMAE(Hiera):
         removed = (~keep).view(-1, *self.mask_grid).float()
         return removed.repeat_interleave(u, 1).repeat_interleave(u, 2).flatten(1)
 
-    def forward(self, imgs, mask_ratio=0.6, noise=None):
-        latent, keep, _ = self.forward_encoder(imgs, mask_ratio, noise)
+    def forward(self, imgs, mask_ratio=0.6, noise=None, return_blocks=(), return_attn=()):
+        """One sparse MAE step; the same dict as MAE.forward (keep: the kept units (B, units))."""
+        latent, keep, blocks, attn = self.forward_encoder(imgs, mask_ratio, noise, return_blocks,
+                                                          return_attn)
         pred = self.forward_decoder(latent, keep)
         mask = self.removed_patches(keep)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        return dict(loss=self.forward_loss(imgs, pred, mask), pred=pred, mask=mask, keep=keep,
+                    blocks=blocks, attn=attn)
 
 
 def build_mae(name, **kwargs):
@@ -263,13 +282,16 @@ def reconstruction_grid(model, imgs, mask_ratio, path, seed=0):
     model.eval()
     noise = torch.rand(imgs.shape[0], model.mask_slots,
                        generator=torch.Generator().manual_seed(seed)).to(imgs.device)
-    _, pred, mask = model(imgs, mask_ratio, noise)
-    pred = pred.float()
+    out = model(imgs, mask_ratio, noise)
+    pred = out["pred"].float()
+    mask = out["mask"]
     if model.norm_pix_loss:
         target = patchify(imgs, model.recon_patch)
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        mean = target.mean(-1, keepdim=True)
+        var = target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** 0.5 + mean
-    p, grid = model.recon_patch, model.recon_grid
+    p = model.recon_patch
+    grid = model.recon_grid
     pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)  # 1 = removed
     recon = unpatchify(pred, p, grid)
     rows = [imgs, imgs * (1 - pixel_mask), imgs * (1 - pixel_mask) + recon * pixel_mask]
@@ -287,28 +309,38 @@ def reconstruction_grid(model, imgs, mask_ratio, path, seed=0):
 # Command line
 
 
+def block_list(text):
+    """argparse type of --distill-layer / --teacher-layer: '6,12' -> [6, 12]."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be block numbers separated by commas, "
+                                         "e.g. 12 or 6,12") from None
+
+
 def get_parser():
+    """The flags, with vit_tiny's defaults on real data (ImageNet-1k); parse_args layers the
+    other models' and the synthetic demo's defaults on top."""
     p = argparse.ArgumentParser(description="MAE pre-training of a ViT (nanoMIM).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_tiny", choices=list(VIT_CONFIGS) + list(HIERA_CONFIGS),
                    help="encoder (hiera_*: Hiera's sparse MAE)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="input size in pixels (default 224; synthetic: 32, Hiera 64)")
-    p.add_argument("--patch-size", type=int, default=None,
-                   help="patch size in pixels (default 16; 4 for --data synthetic)")
-    p.add_argument("--mask-ratio", type=float, default=None,
-                   help="fraction of patches (Hiera: mask units) removed (default per model: "
-                        "ViT 0.75, hiera_tiny_lite 0.4 as MAE-Lite, other Hiera 0.6)")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="input size in pixels (--data synthetic: 32, Hiera 64)")
+    p.add_argument("--patch-size", type=int, default=16,
+                   help="patch size in pixels (--data synthetic: 4)")
+    p.add_argument("--mask-ratio", type=float, default=0.75,
+                   help="fraction of patches (Hiera: mask units) removed (hiera_tiny_lite 0.4 "
+                        "as MAE-Lite, other Hiera 0.6)")
     p.add_argument("--recon-layer", type=int, default=None,
                    help="encoder block (1-indexed) whose normalised output the decoder reads "
-                        "(default: the last block)")
-    p.add_argument("--decoder-dim", type=int, default=None,
-                   help="decoder width (default per model: vit_tiny / hiera_tiny_lite 96, "
-                        "vit_small 192, larger models 512)")
-    p.add_argument("--decoder-depth", type=int, default=None,
-                   help="decoder blocks (default per model: 1 for the lightweight models, 8)")
-    p.add_argument("--decoder-heads", type=int, default=None,
-                   help="decoder heads (default per model: 3, vit_small 6, larger models 16)")
+                        "(none given: the last block)")
+    p.add_argument("--decoder-dim", type=int, default=96,
+                   help="decoder width (vit_small 192, larger models 512)")
+    p.add_argument("--decoder-depth", type=int, default=1,
+                   help="decoder blocks (larger models 8)")
+    p.add_argument("--decoder-heads", type=int, default=3,
+                   help="decoder heads (vit_small 6, larger models 16)")
     p.add_argument("--student-drop-path", type=float, default=0.0,
                    help="stochastic depth, the same rate on every encoder block but the last "
                         "(TinyMIM's student: 0.1)")
@@ -317,25 +349,26 @@ def get_parser():
     g = p.add_argument_group("distillation from a teacher (see distill.py)")
     g.add_argument("--teacher", default=None,
                    help="teacher checkpoint (FAIR MAE, MAE-Lite, ours); enables distillation")
-    g.add_argument("--teacher-model", default=None,
+    g.add_argument("--teacher-model", default="vit_base",
                    choices=list(VIT_CONFIGS) + list(HIERA_CONFIGS),
-                   help="teacher architecture (default vit_base; hiera_base for a Hiera student)")
+                   help="teacher architecture (Hiera students: hiera_base)")
     g.add_argument("--distill-target", default="attn", choices=["attn", "rep", "relation"],
                    help="attention maps (D-MAE), representations, or TinyMIM Q-K/V-V relations")
     g.add_argument("--distill-on", default="logits", choices=["logits", "probs"],
                    help="attention target: pre-softmax logits (published) or probabilities")
-    g.add_argument("--distill-layer", default=None,
-                   help="student blocks to distil, 1-indexed, comma-separated (e.g. 12 or 6,12)")
-    g.add_argument("--teacher-layer", default=None,
-                   help="matching teacher blocks (default: the papers' pairing: the same "
+    g.add_argument("--distill-layer", type=block_list, default=None,
+                   help="student blocks to distil, 1-indexed, comma-separated, e.g. 12 or 6,12 "
+                        "(none given: the last block)")
+    g.add_argument("--teacher-layer", type=block_list, default=None,
+                   help="matching teacher blocks (none given: the papers' pairing: the same "
                         "index, TinyMIM's 18 of vit_large for relations, Hiera the same "
                         "relative depth)")
     g.add_argument("--distill-weight", type=float, default=1.0, help="weight of the distill loss")
     g.add_argument("--teacher-input", default="visible", choices=["visible", "full"],
                    help="teacher sees the student's visible patches, or the whole image "
                         "(TinyMIM; then only the visible tokens are compared)")
-    g.add_argument("--no-recon", action="store_true",
-                   help="no reconstruction loss: distillation alone (same as --recon-layer 0)")
+    g.add_argument("--no-recon", dest="recon_layer", action="store_const", const=0,
+                   help="no reconstruction loss: distillation alone (the same as --recon-layer 0)")
     p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="dataset")
     p.add_argument("--data-root", default=None, help="dataset folder (imagefolder: the folder "
                    "holding train/<class>/...)")
@@ -344,24 +377,24 @@ def get_parser():
                    help="pil: PIL decode + augment in workers; device: workers read bytes, JPEGs "
                         "decoded in batches (nvJPEG on CUDA) and augmented on the device "
                         "(--data imagefolder)")
-    p.add_argument("--min-crop-scale", type=float, default=None,
-                   help="smallest RandomResizedCrop area (default per model: 0.08 for vit_tiny, "
-                        "vit_small, hiera_tiny_lite as MAE-Lite; 0.2 for larger models, FAIR)")
-    p.add_argument("--crop-interpolation", default=None, choices=list(data.INTERPOLATIONS),
+    p.add_argument("--min-crop-scale", type=float, default=0.08,
+                   help="smallest RandomResizedCrop area (MAE-Lite's for the lightweight models; "
+                        "larger models 0.2, FAIR's)")
+    p.add_argument("--crop-interpolation", default="random", choices=list(data.INTERPOLATIONS),
                    help="RandomResizedCrop interpolation; random = bilinear or bicubic per image "
-                        "(default per model: random as MAE-Lite, bicubic for larger models)")
+                        "(MAE-Lite's; larger models bicubic, FAIR's)")
     p.add_argument("--student-color-jitter", type=float, default=0.0,
                    help="ColorJitter(j, j, j) on the student's view only; the teacher sees the "
                         "same crop and flip without it (TinyMIM: 0.4)")
     p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per GPU per step (default 256; 64 for --data synthetic)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per GPU per step (--data synthetic: 64)")
     p.add_argument("--accum-iter", type=int, default=1,
                    help="gradient accumulation steps (effective batch = batch * accum * GPUs)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs (default 400; 8 for --data synthetic)")
-    p.add_argument("--warmup-epochs", type=int, default=None,
-                   help="linear warmup epochs (default 40; 1 for --data synthetic)")
+    p.add_argument("--epochs", type=int, default=400,
+                   help="training epochs (--data synthetic: 8)")
+    p.add_argument("--warmup-epochs", type=int, default=40,
+                   help="linear warmup epochs (--data synthetic: 1)")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
@@ -369,15 +402,16 @@ def get_parser():
                    help="AdamW weight decay, on every parameter but biases and norms (as the "
                         "papers' code: cls and mask tokens are decayed)")
     p.add_argument("--clip-grad", type=float, default=None,
-                   help="clip the gradient norm to this value (default and 0: no clipping)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="data-loading processes per GPU (default: min(8, CPU cores))")
+                   help="clip the gradient norm to this value (none or 0: no clipping)")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes per GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model (auto: on for CUDA)")
     p.add_argument("--out-dir", default="out/mae", help="where checkpoints, log and PNG go")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from exactly")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to continue from exactly; flags not given take its run's")
     p.add_argument("--save-every", type=int, default=20,
                    help="also keep checkpoint-<epoch>.pth every this many epochs")
     p.add_argument("--log-every", type=int, default=20, help="log every this many steps")
@@ -385,8 +419,8 @@ def get_parser():
     return p
 
 
-# The papers' pre-training settings per model, used for every flag left unset: MAE-Lite's for the
-# lightweight students (mae_lite_exp.py / models_mae.py: crop scale 0.08 with a random
+# The papers' pre-training settings per model, the defaults of every flag not given: MAE-Lite's
+# for the lightweight students (mae_lite_exp.py / models_mae.py: crop scale 0.08 with a random
 # bilinear/bicubic interpolation, decoders 96x1x3 and 192x1x6, Hiera-Tiny mask ratio 0.4), FAIR
 # MAE's and Hiera's for the large models (crop 0.2 bicubic, decoder 512 wide x 8 blocks x 16
 # heads, Hiera mask ratio 0.6).
@@ -399,100 +433,68 @@ PRETRAIN_DEFAULTS = {
     "vit_base": dict(LARGE, mask_ratio=0.75),
     "vit_large": dict(LARGE, mask_ratio=0.75),
     "hiera_tiny_lite": dict(LIGHT, decoder_dim=96, decoder_depth=1, decoder_heads=3,
-                            mask_ratio=0.4),
-    "hiera_tiny": dict(LARGE, mask_ratio=0.6),
-    "hiera_small": dict(LARGE, mask_ratio=0.6),
-    "hiera_base": dict(LARGE, mask_ratio=0.6),
+                            mask_ratio=0.4, teacher_model="hiera_base"),
+    "hiera_tiny": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
+    "hiera_small": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
+    "hiera_base": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
 }
+# The synthetic demo is small enough for a laptop CPU (Hiera: 64 px, two mask units a side).
+DEMO_DEFAULTS = dict(img_size=32, patch_size=4, batch_size=64, epochs=8, warmup_epochs=1)
 
 
-def fill_defaults(args):
-    """Unset flags take the model's paper defaults (PRETRAIN_DEFAULTS), then the sizes that
-    depend on the data: the synthetic demo is small enough for a laptop CPU."""
-    taken = plumbing.inherit_resumed_args(args)
-    if taken:
-        plumbing.print0(f"--resume: {', '.join(taken)} taken from the checkpoint's run")
-    demo, hiera = args.data == "synthetic", args.model in HIERA_CONFIGS
-    for name, value in PRETRAIN_DEFAULTS[args.model].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.teacher_model is None:
-        args.teacher_model = "hiera_base" if hiera else "vit_base"
-    for name, real, small in (("img_size", 224, 64 if hiera else 32), ("patch_size", 16, 4),
-                              ("batch_size", 256, 64),
-                              ("epochs", 400, 8), ("warmup_epochs", 40, 1)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if demo else real)
-    if args.num_workers is None:
-        args.num_workers = min(8, os.cpu_count() or 1)
+def parse_args(argv=None):
+    """Flags -> checked args. The defaults are layered once, before the real parse: the model's
+    paper defaults (PRETRAIN_DEFAULTS), the synthetic demo's sizes, and with --resume the flags
+    of the run it continues (so a change of defaults never changes a run half-way); a flag given
+    on the command line wins over all of them."""
+    parser = get_parser()
+    given, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRETRAIN_DEFAULTS[given.model])
+    if given.data == "synthetic":
+        parser.set_defaults(**DEMO_DEFAULTS)
+        if given.model in HIERA_CONFIGS:
+            parser.set_defaults(img_size=64)
+    if given.resume:
+        resumed = plumbing.resumed_defaults(given.resume, vars(given))
+        parser.set_defaults(**resumed)
+        plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
+                        f"{given.resume}")
+    args = parser.parse_args(argv)
+    validate(args, parser)
     return args
 
 
 def validate(args, parser):
-    """Every flag checked against the model and the data, with a message that names the fix."""
-    if args.model in HIERA_CONFIGS:
-        return validate_hiera(args, parser)
-    depth = VIT_CONFIGS[args.model]["depth"]
-    if args.no_recon:
-        args.recon_layer = 0
+    """The rules that tie flags together, with a message that names the fix (single values are
+    checked by the constructors that use them)."""
+    hiera = args.model in HIERA_CONFIGS
+    depth = model_depth(args.model)
+    if hiera and args.recon_layer is not None:
+        parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
+                     "fused stages")
+    if hiera and args.teacher is not None and (args.teacher_model not in HIERA_CONFIGS
+                                               or args.distill_target == "relation"):
+        parser.error("a Hiera student distils attention or representations (--distill-target "
+                     "attn / rep) from a Hiera teacher (--teacher-model hiera_*) whose blocks see "
+                     "the same tokens")
     if args.recon_layer == 0 and args.teacher is None:
         parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
         parser.error(f"--recon-layer {args.recon_layer} is beyond {args.model}'s {depth} blocks "
                      f"(choose 1..{depth})")
-    parse_distill_layers(args, parser, depth)
-    if args.img_size % args.patch_size:
-        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
-                     f"{args.patch_size}")
-    num_patches = (args.img_size // args.patch_size) ** 2
-    if not 0 <= args.mask_ratio < 1 or int(num_patches * (1 - args.mask_ratio)) < 1:
-        parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
-                     f"the {num_patches} patches")
-    validate_common(args, parser)
-
-
-def validate_hiera(args, parser):
-    """Hiera's sparse MAE: whole mask units (32 px with the default unit of 8 tokens)."""
-    if args.recon_layer is not None or args.no_recon:
-        parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
-                     "fused stages")
-    if args.teacher is not None and (args.teacher_model not in HIERA_CONFIGS
-                                     or args.distill_target == "relation"):
-        parser.error("a Hiera student distils attention or representations (--distill-target "
-                     "attn / rep) from a Hiera teacher (--teacher-model hiera_*) whose blocks see "
-                     "the same tokens")
-    parse_distill_layers(args, parser, model_depth(args.model))
-    if args.img_size % 32:
-        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
-                     "x mask unit 8)")
-    units = (args.img_size // 32) ** 2
-    if not 0 <= args.mask_ratio < 1 or int(units * (1 - args.mask_ratio)) < 1:
-        parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
-                     f"the {units} mask units")
-    validate_common(args, parser)
-
-
-def model_depth(name):
-    return sum(HIERA_CONFIGS[name]["stages"]) if name in HIERA_CONFIGS else VIT_CONFIGS[name]["depth"]
-
-
-def parse_distill_layers(args, parser, depth):
-    """--distill-layer (default: the last block) and --teacher-layer (default: the papers'
-    pairing, distill.default_teacher_layer)."""
     if args.teacher is None and (args.distill_layer or args.teacher_layer):
         parser.error("--distill-layer / --teacher-layer need a --teacher checkpoint")
-    if args.teacher is None:
-        return
-    t_depth = model_depth(args.teacher_model)
-    args.distill_layer = parse_layers(args.distill_layer or str(depth), "--distill-layer", parser)
-    args.teacher_layer = parse_layers(
-        args.teacher_layer or ",".join(
-            str(distill.default_teacher_layer(s, depth, t_depth, args.distill_target,
-                                              hiera=args.model in HIERA_CONFIGS))
-            for s in args.distill_layer), "--teacher-layer", parser)
-
-
-def validate_common(args, parser):
+    if hiera and args.img_size % 32:
+        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
+                     "x mask unit 8)")
+    if not hiera and args.img_size % args.patch_size:
+        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
+                     f"{args.patch_size}")
+    slots, what = ((args.img_size // 32) ** 2, "mask units") if hiera else \
+        ((args.img_size // args.patch_size) ** 2, "patches")
+    if not 0 <= args.mask_ratio < 1 or int(slots * (1 - args.mask_ratio)) < 1:
+        parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
+                     f"the {slots} {what}")
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         parser.error(f"--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads "
                      f"{args.decoder_heads} and by 4 (sin-cos position embedding)")
@@ -525,6 +527,22 @@ def validate_common(args, parser):
         parser.error(f"--data-root {args.data_root} is not a folder")
 
 
+def model_depth(name):
+    return sum(HIERA_CONFIGS[name]["stages"]) if name in HIERA_CONFIGS else VIT_CONFIGS[name]["depth"]
+
+
+def distill_layers(args):
+    """(student blocks, teacher blocks) to distil: --distill-layer (none given: the last block)
+    and --teacher-layer (none given: the papers' pairing, distill.default_teacher_layer)."""
+    depth = model_depth(args.model)
+    t_depth = model_depth(args.teacher_model)
+    student = args.distill_layer or [depth]
+    teacher = args.teacher_layer or [
+        distill.default_teacher_layer(s, depth, t_depth, args.distill_target,
+                                      hiera=args.model in HIERA_CONFIGS) for s in student]
+    return student, teacher
+
+
 def sample_images(args, count):
     """A few evaluation-transformed images for the reconstruction figure: validation split if
     there is one, else the training split."""
@@ -538,16 +556,6 @@ def sample_images(args, count):
                                      args.synthetic_size, args.img_size)
     samples = (dataset[i] for i in range(min(count, len(dataset))))
     return torch.stack([s[0] for s in samples if s is not None])
-
-
-def parse_layers(text, flag, parser):
-    """'6,12' -> [6, 12]."""
-    if isinstance(text, list):  # already parsed (resumed args)
-        return text
-    try:
-        return [int(part) for part in str(text).split(",")]
-    except ValueError:
-        parser.error(f"{flag} {text!r} must be block numbers separated by commas, e.g. 12 or 6,12")
 
 
 ARCH_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", "decoder_heads",
@@ -565,27 +573,17 @@ def build_training_module(args, device):
         block.drop_path_rate = args.student_drop_path
     if args.teacher is None:
         return student.to(device), student
-    teacher = distill.load_teacher(args.teacher, args.teacher_model, args.img_size,
-                                   args.patch_size, getattr(student, "q_pool", 2))
-    module = distill.DistilledMAE(student, teacher, args.distill_layer, args.teacher_layer,
-                                  args.distill_target, args.distill_on, args.distill_weight,
-                                  args.teacher_input)
-    plumbing.print0(f"distilling {args.distill_target} of student blocks {args.distill_layer} "
-                    f"from {args.teacher_model} blocks {args.teacher_layer}; reconstruction from "
+    teacher = distill.load_teacher(args.teacher, args.teacher_model, img_size=args.img_size,
+                                   patch_size=args.patch_size,
+                                   q_pool=getattr(student, "q_pool", 2))
+    student_layers, teacher_layers = distill_layers(args)
+    module = distill.DistilledMAE(student, teacher, student_layers, teacher_layers,
+                                  target=args.distill_target, distill_on=args.distill_on,
+                                  weight=args.distill_weight, teacher_input=args.teacher_input)
+    plumbing.print0(f"distilling {args.distill_target} of student blocks {student_layers} "
+                    f"from {args.teacher_model} blocks {teacher_layers}; reconstruction from "
                     f"block {student.recon_layer or 'none'}")
     return module.to(device), student
-
-
-def step_losses(model, imgs, mask_ratio, distilling):
-    """(total, reconstruction, distillation) losses of one batch. imgs is (B, C, H, W), or
-    (B, 2, C, H, W) = [teacher view, student view] with --student-color-jitter."""
-    teacher_imgs = None
-    if imgs.ndim == 5:
-        teacher_imgs, imgs = imgs.unbind(1)
-    if distilling:
-        return model(imgs, mask_ratio, teacher_imgs=teacher_imgs)
-    loss = model(imgs, mask_ratio)[0]
-    return loss, loss, torch.zeros_like(loss)
 
 
 # Parameters exempt from weight decay besides the 1-D ones: none, as the papers' code. Runs
@@ -595,20 +593,20 @@ NO_DECAY = ()
 LEGACY_NO_DECAY = ("token", "pos_embed")
 
 
-def checkpoint_state(module, student, optimizer, epoch, step, args, counts, no_decay):
+def checkpoint_state(module, student, optimizer, epoch, step, args, bad_images, no_decay):
     """A plain dict: `model` holds the student MAE alone (FAIR keys, what fine-tuning loads);
     `distill` the head maps / extra blocks, needed only to resume pre-training."""
     state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "step": step, "args": vars(args), "no_decay_names": list(no_decay),
-             **counts}  # counts: skipped / seen images
+             **bad_images.state_dict()}  # skipped_images, seen_images
     if module is not student:
-        state["distill"] = module.distiller.state_dict()
+        state["distill"] = module.distill_state_dict()
     return state
 
 
 def train(args):
     rank, world_size, device = plumbing.setup_distributed()
-    is_main, distilling = rank == 0, args.teacher is not None
+    is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -618,9 +616,11 @@ def train(args):
     plumbing.seed_everything(args.seed)
     module, student = build_training_module(args, device)
     if args.loader == "device":  # workers read bytes; decode + augment on the device
-        dataset = data.DeviceLoader(args.data_root, args.batch_size, args.seed, device,
-                                    args.img_size, args.min_crop_scale, rank, world_size,
-                                    args.num_workers, interpolation=args.crop_interpolation)
+        dataset = data.DeviceLoader(args.data_root, args.batch_size, seed=args.seed,
+                                    device=device, img_size=args.img_size,
+                                    min_scale=args.min_crop_scale, rank=rank,
+                                    world_size=world_size, num_workers=args.num_workers,
+                                    interpolation=args.crop_interpolation)
     else:
         dataset = data.build_dataset(args.data, args.data_root, "train",
                                      data.pretrain_transform(
@@ -641,70 +641,84 @@ def train(args):
     optimizer = torch.optim.AdamW(
         plumbing.param_groups(module, args.weight_decay, no_decay_names=no_decay), lr=lr,
         betas=(0.9, 0.95), fused=device.type == "cuda")
-    start_epoch, step, counts = 0, 0, {"skipped_images": 0, "seen_images": 0}
+    start_epoch = 0
+    step = 0
+    bad_images = data.BadImages()
     if ckpt is not None:
         student.load_state_dict(ckpt["model"])
-        if distilling:
-            module.distiller.load_state_dict(ckpt["distill"])
+        if module is not student:
+            module.load_distill_state_dict(ckpt["distill"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        counts = {k: ckpt[k] for k in counts}
+        start_epoch = ckpt["epoch"] + 1
+        step = ckpt["step"]
+        bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
         plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
     partial = student.recon_layer < student.depth  # some trainable weights may get no gradient
     model = plumbing.wrap_ddp(plumbing.maybe_compile(module, use_compile), device, partial)
 
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
     plumbing.print0(f"{args.model} MAE | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M"
                     f" params | {args.data}: {len(dataset)} images, {args.img_size}px | device "
                     f"{device}, {precision}, compile {use_compile}, {world_size} process(es) | "
                     f"batch {eff_batch}, lr {lr:.2e}, {total_steps} steps")
-    loss_sums = torch.zeros(3, device=device)  # total, reconstruction, distillation
-    loss_count, images_since_log, t0 = 0, 0, time.time()
+    loss_sums = 0
+    loss_count = 0
+    images_since_log = 0
+    t0 = time.time()
     for epoch in range(start_epoch, args.epochs):
         plumbing.seed_everything(args.seed, epoch, rank)
-        loader = dataset.epoch(epoch) if args.loader == "device" else data.make_loader(
-            dataset, args.batch_size, epoch, args.seed, rank, world_size, args.num_workers,
-            pin_memory=device.type == "cuda")
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+        if args.loader == "device":
+            loader = dataset.epoch(epoch, bad_images)
+        else:
+            loader = data.make_loader(dataset, args.batch_size, epoch, args.seed, rank=rank,
+                                      world_size=world_size, num_workers=args.num_workers,
+                                      pin_memory=device.type == "cuda", bad_images=bad_images)
+        batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
-        for it, imgs, _ in data.good_batches(bar, steps_per_epoch * args.accum_iter,
-                                             args.batch_size, counts):
+        for it, (imgs, _) in enumerate(bar):
             if it % args.accum_iter == 0:
                 plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
                                                               lr, args.min_lr))
             imgs = imgs.to(device, non_blocking=True)
+            views = {}
+            if imgs.ndim == 5:  # (B, 2, C, H, W): [teacher view, student view], TinyMIM
+                views["teacher_imgs"], imgs = imgs.unbind(1)
             with plumbing.autocast(device, precision):
-                losses = step_losses(model, imgs, args.mask_ratio, distilling)
-            (losses[0] / args.accum_iter).backward()
-            loss_sums += torch.stack([l.detach().float() for l in losses])
-            loss_count, images_since_log = loss_count + 1, images_since_log + imgs.shape[0]
+                out = model(imgs, args.mask_ratio, **views)
+            (out["loss"] / args.accum_iter).backward()
+            names = [k for k in out if k.endswith("loss")]  # + recon_loss, distill_loss
+            loss_sums = loss_sums + torch.stack([out[k].detach().float() for k in names])
+            loss_count += 1
+            images_since_log += imgs.shape[0]
             if (it + 1) % args.accum_iter:
                 continue
             plumbing.optimizer_step(optimizer, args.clip_grad)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
-                means = plumbing.all_reduce_mean(loss_sums / loss_count).tolist()  # host sync
-                plumbing.check_finite(means[0], step, last_path)
+                means = dict(zip(names, plumbing.all_reduce_mean(loss_sums / loss_count).tolist()))
+                plumbing.check_finite(means["loss"], step, last_path)  # a host sync
                 rate = images_since_log * world_size / (time.time() - t0)
-                extra = {"recon_loss": means[1], "distill_loss": means[2]} if distilling else {}
-                log.write(step=step, epoch=epoch + 1, loss=means[0], **extra,
-                          lr=plumbing.current_lr(optimizer),
-                          images_per_s=rate, skipped_images=counts["skipped_images"])
-                bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{rate:.0f}")
-                loss_sums.zero_()
-                loss_count, images_since_log, t0 = 0, 0, time.time()
+                log.write(step=step, epoch=epoch + 1, **means, lr=plumbing.current_lr(optimizer),
+                          images_per_s=rate, skipped_images=bad_images.skipped)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{rate:.0f}")
+                loss_sums = 0
+                loss_count = 0
+                images_since_log = 0
+                t0 = time.time()
         if loss_count:  # the epoch's last steps not yet logged must be finite too
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
                                   step, last_path)
         if is_main:
-            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, counts,
+            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, bad_images,
                                     no_decay)
             plumbing.save_checkpoint(ckpt, last_path)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,
                                                             f"checkpoint-{epoch + 1}.pth"))
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, "
-                            f"skipped images {counts['skipped_images']}, saved {last_path}")
+                            f"skipped images {bad_images.skipped}, saved {last_path}")
 
     if is_main and student.recon_layer:  # no figure when the decoder was not trained
         png = os.path.join(args.out_dir, "reconstruction.png")
@@ -714,9 +728,7 @@ def train(args):
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = fill_defaults(parser.parse_args(argv))
-    validate(args, parser)
+    args = parse_args(argv)
     try:
         train(args)
     except (data.DataError, CheckpointError, distill.DistillError, plumbing.RunError) as e:

@@ -21,19 +21,23 @@ class RunError(RuntimeError):
 # Processes, devices, precision
 
 
+def default_device():
+    """The device every script uses: this process's CUDA GPU, else mps, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def setup_distributed():
     """Returns (rank, world_size, device). Uses DDP when launched by torchrun (WORLD_SIZE > 1):
-    NCCL on CUDA, gloo on CPU. The device is autodetected: cuda, then mps, then cpu."""
+    NCCL on CUDA, gloo on CPU. The device is default_device()."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    elif torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
@@ -95,10 +99,16 @@ def all_reduce_mean(tensor):
     return tensor
 
 
+def run_seed(seed, epoch=0, rank=0):
+    """The one seed of (run seed, epoch, rank): the loops reseed torch with it every epoch and the
+    loaders shuffle with it, so a run resumed at an epoch boundary draws the same data order,
+    augmentations and masks as an uninterrupted one."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 63
+
+
 def seed_everything(seed, epoch=0, rank=0):
-    """Seed torch (CPU and CUDA) and Python from (seed, epoch, rank). Reseeding at every epoch
-    makes a run resumed at an epoch boundary draw the same masks as an uninterrupted one."""
-    value = (seed * 1_000_003 + epoch * 1009 + rank) % 2 ** 63
+    """Seed torch (CPU and CUDA) and Python with run_seed(seed, epoch, rank)."""
+    value = run_seed(seed, epoch, rank)
     torch.manual_seed(value)
     random.seed(value)
 
@@ -212,30 +222,28 @@ def checkpoint_args(path):
     return ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
 
 
-# Flags whose default changed after checkpoints were first written without them, with the
-# value such a run had.
+# Flags added after checkpoints were first written, with the value a run without them had.
 LEGACY_ARGS = {"crop_interpolation": "bicubic"}
 
 
-def inherit_resumed_args(args, never=("resume", "out_dir", "init", "export")):
-    """--resume continues a run: every flag left unset (None) takes the value the checkpoint's run
-    used (LEGACY_ARGS for flags older checkpoints do not record), so that new defaults never
-    change a run half-way. Returns the names taken over."""
-    if not args.resume or not os.path.isfile(args.resume):
-        return []
-    stored = {**LEGACY_ARGS, **checkpoint_args(args.resume)}
-    taken = [name for name, value in vars(args).items()
-             if value is None and name not in never and stored.get(name) is not None]
-    for name in taken:
-        setattr(args, name, stored[name])
-    return taken
+def resumed_defaults(path, names, never=("resume", "out_dir", "init", "export", "eval")):
+    """--resume continues a run: the defaults of the flags `names` become the values the
+    checkpoint's run used (LEGACY_ARGS for flags older checkpoints do not record), so that a
+    change of nanoMIM's defaults never changes a run half-way. {} for an unreadable file (the
+    resume itself then says what is wrong)."""
+    stored = checkpoint_args(path) if os.path.isfile(path) else {}
+    if not stored:
+        return {}
+    stored = {**LEGACY_ARGS, **stored}
+    return {k: v for k, v in stored.items() if k in names and k not in never}
 
 
 class JsonlLog:
     """Appends one JSON object per line to `path` (rank 0 only)."""
 
     def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
+        self.path = path
+        self.enabled = enabled
 
     def write(self, **record):
         if self.enabled:

@@ -45,23 +45,24 @@ def test_image_folder_skips_corrupt_file(tmp_path, capsys):
     write_image_folder(tmp_path / "train")
     ds = data.build_dataset("imagefolder", str(tmp_path), "train", data.pretrain_transform(32))
     assert len(ds) == 9
-    loader = data.make_loader(ds, batch_size=3, epoch=0, seed=0, num_workers=0, drop_last=False)
-    shapes, skipped, labels = [], 0, []
-    for imgs, lab, bad in loader:
-        skipped += bad
-        if imgs is not None:
-            shapes.append(imgs.shape[1:])
-            labels += lab.tolist()
-    assert skipped == 1 and len(labels) == 8 and set(labels) == {0, 1}
+    bad_images = data.BadImages()
+    loader = data.make_loader(ds, batch_size=3, epoch=0, seed=0, num_workers=0, drop_last=False,
+                              bad_images=bad_images)
+    shapes, labels = [], []
+    for imgs, lab in loader:
+        shapes.append(imgs.shape[1:])
+        labels += lab.tolist()
+    assert bad_images.state_dict() == {"skipped_images": 1, "seen_images": 9}
+    assert len(labels) == 8 and set(labels) == {0, 1}
     assert all(s == (3, 32, 32) for s in shapes)
     assert "broken0.jpg" in capsys.readouterr().err
 
 
 def test_too_many_bad_images_stop_the_run():
-    data.check_bad_images(10, 100)  # within the tolerance
-    data.check_bad_images(11, 10_000)  # a small fraction
-    with pytest.raises(data.DataError, match="could not be read"):
-        data.check_bad_images(11, 200)
+    data.BadImages().add(10, 100)  # within the tolerance
+    data.BadImages().add(11, 10_000)  # a small fraction
+    with pytest.raises(data.DataError, match="11 of 200 images could not be read"):
+        data.BadImages(skipped=1, seen=100).add(10, 100)
 
 
 def test_missing_and_empty_data_are_clear(tmp_path):
@@ -107,7 +108,7 @@ def test_loader_order_depends_only_on_seed_and_epoch():
 
     def first_batch(epoch, workers):
         torch.manual_seed(123)  # augmentation RNG of the main process (workers=0)
-        imgs, labels, _ = next(iter(data.make_loader(ds, 8, epoch, 0, num_workers=workers)))
+        imgs, labels = next(iter(data.make_loader(ds, 8, epoch, 0, num_workers=workers)))
         return imgs, labels
 
     a, b = first_batch(1, 0), first_batch(1, 0)
@@ -138,11 +139,13 @@ def test_device_loader_matches_the_classic_path(tmp_path, capsys):
     lo = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
     hi = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
     for epoch in (0, 1):
-        a = list(data.make_loader(classic, 4, epoch, seed=3, num_workers=0))
-        b = list(fast.epoch(epoch))
-        assert [n for _, _, n in a] == [n for _, _, n in b]  # the broken file, same batch
-        assert sum(n for _, _, n in b) == 1
-        for (xa, ya, _), (xb, yb, _) in zip(a, b):
+        bad_a, bad_b = data.BadImages(), data.BadImages()
+        a = list(data.make_loader(classic, 4, epoch, seed=3, num_workers=0, bad_images=bad_a))
+        b = list(fast.epoch(epoch, bad_b))
+        assert [len(y) for _, y in a] == [len(y) for _, y in b]  # the broken file, same batch
+        assert bad_a.state_dict() == bad_b.state_dict() == {"skipped_images": 1,
+                                                             "seen_images": 12}
+        for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(ya, yb)  # same images in the same order
             assert xa.shape == xb.shape and xa.dtype == xb.dtype == torch.float32
             assert lo - 1e-4 <= xb.min() and xb.max() <= hi + 1e-4

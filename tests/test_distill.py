@@ -34,12 +34,13 @@ def twin_teacher(student):
 
 def test_head_map_trains_teacher_frozen_student_moves():
     module = make()
-    head_map = module.distiller["3"].head_map
+    head_map = module.head_maps["3"]
     assert head_map.shape == (6, 4)  # (teacher_heads, student_heads)
     teacher_before = copy.deepcopy(module.teacher.state_dict())
     student_before = copy.deepcopy(module.student.state_dict())
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    loss, recon, dist = module(torch.randn(2, 3, 32, 32), 0.75)
+    out = module(torch.randn(2, 3, 32, 32), 0.75)
+    loss, recon, dist = out["loss"], out["recon_loss"], out["distill_loss"]
     loss.backward()
     assert head_map.grad is not None and head_map.grad.abs().sum() > 0
     assert all(p.grad is None for p in module.teacher.parameters())
@@ -56,13 +57,12 @@ def test_identical_teacher_and_identity_map_give_zero_loss(target):
     torch.manual_seed(0)
     student = mae.MAE(**STUDENT)
     module = distill.DistilledMAE(student, twin_teacher(student), [3], [3], target=target)
-    parts = module.distiller["3"]
     with torch.no_grad():
         if target == "attn":
-            parts.head_map.copy_(torch.eye(4))
+            module.head_maps["3"].copy_(torch.eye(4))
         if target == "rep":
-            parts.rep_map.copy_(torch.eye(64))
-    _, _, dist = module(torch.randn(2, 3, 32, 32), 0.75)
+            module.rep_maps["3"].copy_(torch.eye(64))
+    dist = module(torch.randn(2, 3, 32, 32), 0.75)["distill_loss"]
     assert dist.item() < 1e-6
 
 
@@ -92,19 +92,20 @@ def test_full_teacher_input_picks_the_visible_tokens():
     student = mae.MAE(**STUDENT, recon_layer=0)
     module = distill.DistilledMAE(student, twin_teacher(student), [3], [3], target="relation",
                                   teacher_input="full")
-    _, recon, dist = module(torch.randn(2, 3, 32, 32), 0.0)
+    out = module(torch.randn(2, 3, 32, 32), 0.0)
+    recon, dist = out["recon_loss"], out["distill_loss"]
     assert recon.item() == 0 and dist.item() < 1e-6  # summation-order rounding only
     assert not module.student.decoder_pred.weight.requires_grad  # decoder unused, not trained
 
 
 def test_d2mae_layout():
     module = make(student_kw={"recon_layer": 2})
-    assert isinstance(module.distiller["3"].extra, distill.AttentionOnly)
+    assert isinstance(module.extra_blocks["3"], distill.AttentionOnly)
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
-    latent, _, _, _, (blocks, _) = module.student.forward_encoder(imgs, 0.75, noise,
-                                                                  return_blocks={3})
+    latent, _, _, _, blocks, _ = module.student.forward_encoder(imgs, 0.75, noise,
+                                                                return_blocks={3})
     torch.testing.assert_close(latent, module.student.norm(blocks[2]))  # decoder reads block 2
-    loss, _, _ = module(imgs, 0.75, noise)
+    loss = module(imgs, 0.75, noise)["loss"]
     loss.backward()
     # block 3 (after the reconstruction layer) is trained through the extra block
     assert module.student.blocks[2].mlp.fc2.weight.grad.abs().sum() > 0
@@ -198,7 +199,7 @@ def test_d2mae_through_mae_py_trains_and_resumes(tmp_path):
     assert all("recon_loss" in r and "distill_loss" in r for r in log)
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
     ckpt = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
-    assert any("extra" in k for k in ckpt["distill"]) and "12.head_map" in ckpt["distill"]
+    assert any("extra" in k for k in ckpt["distill"]) and "head_maps.12" in ckpt["distill"]
     backbone = ViT(img_size=16, patch_size=4, embed_dim=192, depth=12, num_heads=12)
     report = load_pretrained(backbone, str(tmp_path / "a" / "checkpoint.pth"), verbose=False)
     assert report["initialised"] == []

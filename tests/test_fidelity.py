@@ -14,20 +14,17 @@ import distill
 import finetune
 import mae
 import plumbing
-from model import CheckpointError, ViT, load_pretrained
+from model import CheckpointError, ViT, attention_logits, load_pretrained
 from test_distill import STUDENT, TEACHER, make
 from test_model import fair_encoder_state_dict
 
 
 def pretrain_args(*flags):
-    parser = mae.get_parser()
-    args = mae.fill_defaults(parser.parse_args(list(flags)))
-    mae.validate(args, parser)
-    return args
+    return mae.parse_args(list(flags))
 
 
 def finetune_args(*flags):
-    return finetune.fill_defaults(finetune.get_parser().parse_args(list(flags)))
+    return finetune.parse_args(list(flags))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,14 +240,14 @@ def test_several_distilled_layers_are_summed():
     module = make(layers=(2, 3), teacher_layers=(2, 3))
     student, teacher = module.student, module.teacher
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
-    _, _, total = module(imgs, 0.75, noise)
+    total = module(imgs, 0.75, noise)["distill_loss"]
     kept, _, _, ids_keep = mae.random_masking(student.embed(imgs), 0.75, noise)  # (B, K, D)
     _, _, s_logits = student.run_blocks(student.prepend_cls(kept), 3, (), (2, 3))
     t_tokens = teacher.embed(imgs)
     t_kept = torch.gather(t_tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, t_tokens.shape[2]))
     _, _, t_logits = teacher.run_blocks(teacher.prepend_cls(t_kept), 3, (), (2, 3))
     per_layer = [distill.attention_distill_loss(s_logits[layer], t_logits[layer],
-                                                module.distiller[str(layer)].head_map)
+                                                module.head_maps[str(layer)])
                  for layer in (2, 3)]
     torch.testing.assert_close(total, per_layer[0] + per_layer[1])
 
@@ -293,12 +290,14 @@ def test_weight_decay_exemptions():
 
 
 def test_default_teacher_blocks_are_the_papers():
-    assert pretrain_args("--teacher", "t.pth", "--teacher-model", "vit_large").teacher_layer == [12]
-    assert pretrain_args("--teacher", "t.pth", "--teacher-model", "vit_large", "--distill-target",
-                         "relation", "--no-recon").teacher_layer == [18]
-    assert pretrain_args("--teacher", "t.pth", "--distill-target", "relation",
-                         "--no-recon").teacher_layer == [12]
-    assert pretrain_args("--model", "hiera_tiny_lite", "--teacher", "t.pth").teacher_layer == [24]
+    def teacher_blocks(*flags):
+        return mae.distill_layers(pretrain_args("--teacher", "t.pth", *flags))[1]
+
+    assert teacher_blocks("--teacher-model", "vit_large") == [12]
+    assert teacher_blocks("--teacher-model", "vit_large", "--distill-target", "relation",
+                          "--no-recon") == [18]
+    assert teacher_blocks("--distill-target", "relation", "--no-recon") == [12]
+    assert teacher_blocks("--model", "hiera_tiny_lite") == [24]
     assert distill.default_teacher_layer(24, 24, 24, "relation") == 24  # not TinyMIM's pairing
 
 
@@ -331,7 +330,7 @@ def test_two_views_reach_teacher_and_student():
 
     module.teacher_features = spy
     views = torch.randn(2, 2, 3, 32, 32)
-    mae.step_losses(module, views, 0.75, distilling=True)
+    module(views[:, 1], 0.75, teacher_imgs=views[:, 0])
     assert torch.equal(seen["teacher"], views[:, 0])
 
 
@@ -400,7 +399,7 @@ def test_d2mae_extra_block_logits_by_hand():
     block = distill.AttentionOnly(8)
     x = torch.randn(1, 3, 8)  # (B, N, D): one image, 3 tokens
     q, k, _ = distill.split_heads(block(x), heads=2)  # (1, 2, 3, 4) each
-    logits = distill.qkv_logits(q, k)
+    logits = attention_logits(q, k)
     mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
     normed = (x - mu) / torch.sqrt(var + 1e-6) * block.norm1.weight + block.norm1.bias
     qkv = normed[0] @ block.qkv.weight.T + block.qkv.bias  # (3, 24): [q | k | v], heads inside
@@ -429,9 +428,9 @@ def test_relations_between_models_of_different_head_widths():
     module = distill.DistilledMAE(student, teacher, [3], [3], target="relation",
                                   teacher_input="full")
     imgs = torch.randn(2, 3, 32, 32)
-    _, _, loss = module(imgs, 0.0)
-    _, s_out, _ = student.forward_features(imgs, 3, (2,))
-    _, t_out, _ = teacher.forward_features(imgs, 3, (2,))
+    loss = module(imgs, 0.0)["distill_loss"]
+    _, s_out, _ = student.forward_features(imgs, depth=3, return_blocks=(2,))
+    _, t_out, _ = teacher.forward_features(imgs, depth=3, return_blocks=(2,))
     s_block, t_block = student.blocks[2], teacher.blocks[2]
     s_qkv = distill.split_heads(s_block.attn.qkv(s_block.norm1(s_out[2])), 8)  # 8 heads of 8
     t_qkv = distill.split_heads(t_block.attn.qkv(t_block.norm1(t_out[2])), 8)  # 8 heads of 16
@@ -447,7 +446,7 @@ def test_distill_on_probabilities():
     torch.testing.assert_close(distill.attention_distill_loss(s, t, m, on="probs"), expected)
     assert not torch.allclose(distill.attention_distill_loss(s, t, m), expected)
     module = make(distill_on="probs")
-    _, _, loss = module(torch.randn(2, 3, 32, 32), 0.75)
+    loss = module(torch.randn(2, 3, 32, 32), 0.75)["distill_loss"]
     assert 0 < loss.item() < 1  # probabilities: bounded differences
 
 
@@ -472,14 +471,13 @@ def test_a_checkpoint_from_before_the_fidelity_defaults_resumes(tmp_path, capsys
     module.load_state_dict(ckpt["model"])
     old = torch.optim.AdamW(plumbing.param_groups(module, 0.05,
                                                   no_decay_names=mae.LEGACY_NO_DECAY))
-    module(torch.randn(2, 3, 16, 16), 0.75)[0].backward()
+    module(torch.randn(2, 3, 16, 16), 0.75)["loss"].backward()
     old.step()  # an optimizer state in the earlier grouping (tokens not decayed)
     ckpt["optimizer"] = old.state_dict()
     torch.save(ckpt, path)
     capsys.readouterr()
     mae.main(flags + ["--epochs", "2", "--resume", str(path), "--out-dir", str(tmp_path / "b")])
-    out = capsys.readouterr().out
-    assert "crop_interpolation" in out and "min_crop_scale" in out  # taken from the old run
+    assert "flags not given take the values of the run" in capsys.readouterr().out
     resumed = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
     assert resumed["args"]["crop_interpolation"] == "bicubic"
     assert resumed["args"]["min_crop_scale"] == 0.2 and resumed["epoch"] == 1

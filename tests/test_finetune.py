@@ -58,7 +58,7 @@ def test_layer_decay_groups_by_hand():
 def test_keep_blocks_reinitialises_exactly_the_later_blocks(tmp_path):
     path = str(tmp_path / "init.pth")
     state = random_vit_file(path)
-    args = finetune.fill_defaults(finetune.get_parser().parse_args(
+    args = finetune.parse_args((
         FAST + ["--init", path, "--keep-blocks", "5", "--global-pool", "token"]))
     model = finetune.prepare_model(args, 10, torch.device("cpu"))
     now = model.state_dict()
@@ -90,7 +90,7 @@ def test_pretraining_checkpoint_drops_decoder_and_reports(tmp_path, capsys):
     path = str(tmp_path / "mae.pth")
     torch.save({"model": model.state_dict(), "distill": {"head_map": torch.ones(2)},
                 "args": {"model": "vit_tiny", "img_size": 16, "patch_size": 4}}, path)
-    args = finetune.fill_defaults(finetune.get_parser().parse_args(
+    args = finetune.parse_args((
         ["--init", path, "--num-workers", "0"]))
     assert (args.img_size, args.patch_size) == (16, 4)  # architecture taken from the file
     classifier = finetune.prepare_model(args, 10, torch.device("cpu"))
@@ -216,7 +216,7 @@ def test_lars_step_by_hand():
 
 
 def test_mixing_gives_probability_targets():
-    args = finetune.fill_defaults(finetune.get_parser().parse_args(
+    args = finetune.parse_args((
         ["--mixup", "0.8", "--cutmix", "1.0"]))
     imgs, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
     mixed, targets = finetune.build_mixing(args, 10)(imgs, labels)

@@ -7,8 +7,8 @@ import torch
 import analyze
 import finetune
 import mae
-from model import (CheckpointError, Hiera, MaskUnitAttention, ViT, build_model, load_pretrained,
-                   unroll_order)
+from hiera import Hiera, MaskUnitAttention, unroll_order
+from model import CheckpointError, ViT, build_model, load_pretrained
 
 # A tiny Hiera: 64 px -> 16 x 16 tokens -> 2 x 2 mask units of 8 x 8 tokens; widths 8..64.
 TINY = dict(img_size=64, embed_dim=8, num_heads=1, stages=(1, 1, 2, 1), num_classes=5)
@@ -61,12 +61,12 @@ def test_dropping_units_equals_running_the_kept_units_alone():
     imgs = torch.randn(2, 3, 64, 64)
     keep = torch.tensor([[True, False, True, False], [False, True, True, False]])
     ends = model.stage_ends
-    _, sparse, _ = model.forward_features(imgs, keep, return_blocks=ends)
+    _, sparse, _ = model.forward_features(imgs, keep=keep, return_blocks=ends)
     # Nothing leaks: the removed units' pixels do not matter at any depth.
     other = imgs.clone()
     other[:, :, :32, 32:] = 5.0  # unit 1 is removed for image 0 ...
     other[:, :, 32:, 32:] = -3.0  # ... and unit 3 for both
-    _, sparse2, _ = model.forward_features(other, keep, return_blocks=ends)
+    _, sparse2, _ = model.forward_features(other, keep=keep, return_blocks=ends)
     torch.testing.assert_close(sparse2[ends[-1]][0], sparse[ends[-1]][0])
     # In the mask-unit stages the kept units' tokens are those of the full image with the
     # removed pixels zeroed: deleting tokens changes nothing there.
@@ -120,7 +120,7 @@ def test_timm_oracle_logits_and_stage_outputs(q_pool):
     torch.testing.assert_close(ours(imgs), theirs(imgs), atol=1e-5, rtol=1e-5)
     keep = ours.random_unit_mask(2, 0.5)
     _, stages = theirs.forward_features(imgs, mask=keep, return_intermediates=True)
-    _, out, _ = ours.forward_features(imgs, keep, return_blocks=ours.stage_ends)
+    _, out, _ = ours.forward_features(imgs, keep=keep, return_blocks=ours.stage_ends)
     for block, theirs_units in zip(ours.stage_ends, stages):
         torch.testing.assert_close(ours.unit_layout(out[block], block), theirs_units,
                                    atol=1e-5, rtol=1e-5)
@@ -132,13 +132,14 @@ def test_sparse_mae_reduces_the_loss_and_loads_into_the_classifier():
                          decoder_dim=16, decoder_heads=2)
     imgs = torch.randn(4, 3, 64, 64)
     noise = torch.rand(4, 4)
-    loss, pred, mask = model(imgs, 0.5, noise)
+    out = model(imgs, 0.5, noise)
+    loss, pred, mask = out["loss"], out["pred"], out["mask"]
     assert pred.shape == (4, 16, 16 * 16 * 3) and mask.shape == (4, 16)  # 4 x 4 patches of 16 px
     assert torch.all(mask.sum(1) == 8)  # 2 of 4 units removed, 4 patches each
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = loss.item()
     for _ in range(60):
-        loss = model(imgs, 0.5, noise)[0]
+        loss = model(imgs, 0.5, noise)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -204,7 +205,7 @@ def test_distillation_from_a_hiera_teacher(tmp_path, capsys):
         log = [json.loads(line) for line in open(out / "log.jsonl")]
         assert all(r["distill_loss"] > 0 and r["recon_loss"] > 0 for r in log)
         ckpt = torch.load(out / "checkpoint.pth")
-        assert any(k.endswith("head_map" if target == "attn" else "rep_map")
+        assert any(k.startswith("head_maps." if target == "attn" else "rep_maps.")
                    for k in ckpt["distill"])
     with pytest.raises(SystemExit, match="do not attend over the same tokens"):
         mae.main(run + teacher + ["--distill-layer", "3", "--teacher-layer", "12",

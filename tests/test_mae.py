@@ -81,11 +81,11 @@ def test_decoder_reads_recon_layer_and_deeper_blocks_are_not_run():
     model = mae.MAE(**TINY, recon_layer=2)
     imgs = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 64)
-    latent, mask, ids_restore, ids_keep, _ = model.forward_encoder(imgs, 0.75, noise)
+    latent, mask, ids_restore, ids_keep, _, _ = model.forward_encoder(imgs, 0.75, noise)
     x = model.prepend_cls(mae.random_masking(model.embed(imgs), 0.75, noise)[0])
     expected = model.norm(model.run_blocks(x, depth=2)[0])
     torch.testing.assert_close(latent, expected)
-    loss, _, _ = model(imgs, 0.75, noise)
+    loss = model(imgs, 0.75, noise)["loss"]
     loss.backward()
     assert model.blocks[1].mlp.fc2.weight.grad is not None
     assert model.blocks[2].mlp.fc2.weight.grad is None  # block 3 never ran
@@ -100,7 +100,7 @@ def test_tiny_model_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(80):
-        loss, _, _ = model(imgs, 0.75, noise)
+        loss = model(imgs, 0.75, noise)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -199,11 +199,11 @@ def test_compiled_step_matches_eager():
     model = mae.MAE(embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4, decoder_dim=16,
                     decoder_depth=1, decoder_heads=2)
     imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
-    eager, _, _ = model(imgs, 0.75, noise)
+    eager = model(imgs, 0.75, noise)["loss"]
     eager.backward()
     eager_grad = model.blocks[0].attn.qkv.weight.grad.clone()
     model.zero_grad()
-    loss, _, _ = plumbing.maybe_compile(model, True)(imgs, 0.75, noise)
+    loss = plumbing.maybe_compile(model, True)(imgs, 0.75, noise)["loss"]
     loss.backward()
     torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, eager_grad, atol=1e-5,

@@ -225,7 +225,7 @@ def test_zero_rel_pos_tables_change_nothing_and_load_from_plain_files():
     attn = rel.blocks[1].attn
     q, k, _ = attn.project_qkv(rel.blocks[1].norm1(rel.forward_features(imgs, depth=1)[0]))
     bias = attn.relative_position_bias_table[attn.relative_position_index].permute(2, 0, 1)
-    torch.testing.assert_close(logits[2], q @ k.transpose(-2, -1) * attn.scale + bias)
+    torch.testing.assert_close(logits[2], q @ k.transpose(-2, -1) / attn.head_dim ** 0.5 + bias)
     # Tables go back into a plain model only with a clear error.
     with pytest.raises(CheckpointError, match="--rel-pos"):
         load_pretrained(ViT(**TINY), rel.state_dict(), verbose=False)

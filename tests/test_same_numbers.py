@@ -137,8 +137,12 @@ def test_a_checkpoint_written_before_the_redesign_loads_and_resumes(tmp_path):
                     "--distill-layer", "12", "--recon-layer", "8", "--resume", path,
                     "--out-dir", str(tmp_path / "resumed")])
     resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
-    assert resumed["epoch"] == 2 and set(resumed["distill"]) == \
-        set(torch.load(path, weights_only=True)["distill"])
+    old_parts = set(torch.load(path, weights_only=True)["distill"])  # "12.head_map", ...
+    assert old_parts == {"12.head_map", "12.extra.norm1.weight", "12.extra.norm1.bias",
+                         "12.extra.qkv.weight", "12.extra.qkv.bias"}
+    assert resumed["epoch"] == 2 and set(resumed["distill"]) == {
+        "head_maps.12", "extra_blocks.12.norm1.weight", "extra_blocks.12.norm1.bias",
+        "extra_blocks.12.qkv.weight", "extra_blocks.12.qkv.bias"}
 
 
 if __name__ == "__main__":
