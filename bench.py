@@ -311,7 +311,8 @@ def get_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--compile", default=None, choices=["off", "on", "both"],
                    help="torch.compile setting(s) (default: both on CUDA, off on CPU)")
-    p.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"])
+    p.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"],
+                   help="fp32, bf16 autocast, or both, one row each")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's dense bf16 peak for MFU (H100 SXM: 989)")
     p.add_argument("--jpegs", type=int, default=None,
