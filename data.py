@@ -304,6 +304,41 @@ def build_dataset(name, root=None, split="train", transform=None, download=False
                                                        v2.ToDtype(torch.float32, scale=True)]))
 
 
+def evenly_spaced(dataset, max_images):
+    """At most max_images samples, evenly spaced over the dataset (classes stay about balanced);
+    the dataset itself when max_images is None or not smaller."""
+    if max_images is None or max_images >= len(dataset):
+        return dataset
+    step = len(dataset) / max_images
+    return torch.utils.data.Subset(dataset, [int(i * step) for i in range(max_images)])
+
+
+def labels_of(dataset):
+    """The label of every sample of a build_dataset dataset, without decoding any image."""
+    raw = dataset.raw
+    for name in ("labels", "targets"):  # Fashion-MNIST and synthetic; torchvision datasets
+        if hasattr(raw, name):
+            return [int(y) for y in getattr(raw, name)]
+    if hasattr(raw, "samples"):  # ImageFolder
+        return [y for _, y in raw.samples]
+    return [raw[i][1] for i in range(len(raw))]
+
+
+def per_class_subset(dataset, per_class, seed):
+    """A fixed random subset with `per_class` samples of every class (the papers' 1% regime:
+    60 per class of Fashion-MNIST's 60k), drawn with `seed`, in dataset order."""
+    labels = torch.tensor(labels_of(dataset))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in labels.unique().tolist():
+        where = (labels == label).nonzero().flatten()
+        if len(where) < per_class:
+            raise DataError(f"class {label} has {len(where)} images, fewer than "
+                            f"--labels-per-class {per_class}")
+        chosen += where[torch.randperm(len(where), generator=generator)[:per_class]].tolist()
+    return torch.utils.data.Subset(dataset, sorted(chosen))
+
+
 def collate_skipping_bad(batch):
     """Stack the good samples; returns (images, labels, number of skipped samples)."""
     good = [s for s in batch if s is not None]

@@ -244,14 +244,6 @@ def build_mixing(args, num_classes):
     return (v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0]) if mixers else None
 
 
-def limit(dataset, max_images):
-    """At most max_images samples, evenly spaced over the dataset (classes stay balanced)."""
-    if max_images is None or max_images >= len(dataset):
-        return dataset
-    step = len(dataset) / max_images
-    return torch.utils.data.Subset(dataset, [int(i * step) for i in range(max_images)])
-
-
 def num_classes_of(args, dataset):
     raw = getattr(dataset, "dataset", dataset).raw  # under a Subset or not
     return len(raw.classes) if hasattr(raw, "classes") and args.data == "imagefolder" \
@@ -362,7 +354,12 @@ def get_parser():
     g.add_argument("--download", action="store_true", help="let torchvision download the data")
     g.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
     g.add_argument("--max-images", type=int, default=None,
-                   help="use at most this many images of each split (none: all)")
+                   help="use at most this many images of each split, evenly spaced (none: all)")
+    g.add_argument("--labels-per-class", type=int, default=None,
+                   help="train on a fixed random subset with this many images of each class "
+                        "(60: the papers' 1%% of ImageNet / Fashion-MNIST; none: all)")
+    g.add_argument("--subset-seed", type=int, default=0,
+                   help="seed that draws the --labels-per-class subset")
     g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per GPU")
     g = p.add_argument_group("optimisation (defaults: the --recipe's, RECIPES in finetune.py)")
@@ -426,6 +423,9 @@ def get_parser():
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint-<epoch>.pth every this many epochs (0: never)")
     g.add_argument("--log-every", type=int, default=20, help="log every this many steps")
+    g.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate every this many epochs and after the last (0: only after the "
+                        "last, so no epoch is chosen by its validation accuracy)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 
@@ -500,6 +500,11 @@ def validate(args, parser):
         parser.error(f"--layer-decay {args.layer_decay} must be in (0, 1]")
     if args.clip_grad is not None and args.clip_grad < 0:
         parser.error(f"--clip-grad {args.clip_grad} must be at least 0 (0: no clipping)")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every {args.eval_every} must be at least 0 (0: after the last epoch)")
+    for name in ("labels_per_class", "max_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
 
@@ -568,7 +573,7 @@ def train(args):
                                  data.eval_transform(args.img_size), args.download,
                                  args.synthetic_size, args.img_size)
     num_classes = num_classes_of(args, val_set)
-    val_set = limit(val_set, args.max_images)
+    val_set = data.evenly_spaced(val_set, args.max_images)
     module = prepare_model(args, num_classes, device)
     compiled = plumbing.maybe_compile(module, use_compile)
     val_loader = data.make_loader(val_set, args.batch_size, 0, args.seed, rank=rank,
@@ -583,9 +588,11 @@ def train(args):
     os.makedirs(args.out_dir, exist_ok=True)
     last_path, best_path = (os.path.join(args.out_dir, n) for n in ("checkpoint.pth", "best.pth"))
     log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
-    train_set = limit(data.build_dataset(args.data, args.data_root, "train",
-                                         train_transform(args), args.download,
-                                         args.synthetic_size, args.img_size), args.max_images)
+    train_set = data.build_dataset(args.data, args.data_root, "train", train_transform(args),
+                                   args.download, args.synthetic_size, args.img_size)
+    if args.labels_per_class is not None:  # the data-insufficient regime: a few labels a class
+        train_set = data.per_class_subset(train_set, args.labels_per_class, args.subset_seed)
+    train_set = data.evenly_spaced(train_set, args.max_images)
     steps_per_epoch = len(train_set) // world_size // args.batch_size // args.accum_iter
     if steps_per_epoch < 1:
         raise data.DataError(f"{len(train_set)} images are fewer than one step needs; lower "
@@ -661,13 +668,17 @@ def train(args):
         if loss_count:
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
                                   last_path)
-        result = evaluate(compiled, val_loader, device, precision)
-        is_best = result["top1"] > best["top1"]
-        if is_best:
-            best = dict(result, epoch=epoch + 1)
-        log.write(epoch=epoch + 1, step=step, **result, best_top1=best["top1"])
-        plumbing.print0(f"epoch {epoch + 1}/{args.epochs}: top-1 {result['top1']:.2f}%, top-5 "
-                        f"{result['top5']:.2f}%, best {best['top1']:.2f}% (epoch {best['epoch']})")
+        last = epoch + 1 == args.epochs
+        is_best = False
+        if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+            result = evaluate(compiled, val_loader, device, precision)
+            is_best = result["top1"] > best["top1"]
+            if is_best:
+                best = dict(result, epoch=epoch + 1)
+            log.write(epoch=epoch + 1, step=step, **result, best_top1=best["top1"])
+            plumbing.print0(f"epoch {epoch + 1}/{args.epochs}: top-1 {result['top1']:.2f}%, "
+                            f"top-5 {result['top5']:.2f}%, best {best['top1']:.2f}% (epoch "
+                            f"{best['epoch']})")
         if is_main:
             state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                      "epoch": epoch, "step": step, "args": vars(args), "best": best,

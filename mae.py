@@ -387,6 +387,9 @@ def get_parser():
                    help="ColorJitter(j, j, j) on the student's view only; the teacher sees the "
                         "same crop and flip without it (TinyMIM: 0.4)")
     p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="pre-train on at most this many training images, evenly spaced (none: "
+                        "all)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="images per GPU per step (--data synthetic: 64)")
     p.add_argument("--accum-iter", type=int, default=1,
@@ -520,6 +523,8 @@ def validate(args, parser):
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
     if args.loader == "device" and args.data != "imagefolder":
         parser.error("--loader device reads image files: use it with --data imagefolder")
+    if args.max_images is not None and (args.max_images < 1 or args.loader == "device"):
+        parser.error("--max-images must be at least 1 and works with --loader pil")
     if args.loader == "device" and args.student_color_jitter > 0:
         parser.error("--student-color-jitter needs --loader pil (the device loader makes one "
                      "view per image)")
@@ -627,6 +632,7 @@ def train(args):
                                          args.img_size, args.min_crop_scale,
                                          args.crop_interpolation, args.student_color_jitter),
                                      args.download, args.synthetic_size, args.img_size)
+        dataset = data.evenly_spaced(dataset, args.max_images)
     steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
     if steps_per_epoch < 1:
         raise data.DataError(f"{len(dataset)} images are fewer than one step needs "
