@@ -1,0 +1,80 @@
+"""study.py: the smoke preset end to end (the outputs' structure, not the numbers), resuming,
+a half-written stage, bad input; and the finetune / mae flags it relies on."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import finetune
+import study
+
+HAVE_DATA = os.path.isdir(data.FASHION_MNIST_DIR)
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="apt-get install dataset-fashion-mnist")
+
+
+@needs_data
+def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    claims = study.main(["--preset", "smoke", "--out-dir", out])
+    assert len(claims) == 5
+    assert {c["verdict"] for c in claims} <= {"reproduced", "not reproduced", "inconclusive"}
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert {"preset", "settings", "code_version", "hardware", "total_seconds", "stages",
+            "accuracy", "claims"} <= set(results)
+    stages = study.stage_list(study.PRESETS["smoke"], out, None)
+    assert set(results["stages"]) == {name for name, _, _, _ in stages}
+    for name, stage in results["stages"].items():
+        assert stage["command"].startswith("python ") and stage["seconds"] >= 0, name
+    assert set(results["accuracy"]) == {"scratch", "mae", "dmae", "d2mae", "tinymim"}
+    assert results["stages"]["pretrain_mae"]["numbers"]["steps"] == 2  # --max-images 64, batch 32
+    md = open(os.path.join(out, "results.md")).read()
+    assert "## Claims" in md and md.count("**") == 10
+    for png in ("pretrain.png", "finetune.png", "attn_distance.png", "attn_entropy.png",
+                "cka_mae_vs_supervised.png", "cka_d2mae_vs_teacher.png"):
+        assert os.path.getsize(os.path.join(out, "figures", png)) > 0, png
+    # a second run skips every stage; one whose stage.json is missing is redone
+    os.remove(os.path.join(out, "attention", "stage.json"))
+    capsys.readouterr()
+    study.main(["--preset", "smoke", "--out-dir", out])
+    log = capsys.readouterr().out
+    assert log.count("skipped") == len(stages) - 1
+    assert "attention: python analyze.py attn" in log
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    if HAVE_DATA:
+        with pytest.raises(SystemExit, match="is a file"):
+            study.main(["--preset", "smoke", "--out-dir", str(a_file)])
+    with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
+        study.main(["--preset", "smoke", "--data-root", str(tmp_path), "--out-dir",
+                    str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--preset", "huge"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_labels_per_class_subsets_are_balanced_fixed_and_differ_by_seed():
+    ds = data.build_dataset("synthetic", synthetic_size=200, img_size=8)
+    labels = data.labels_of(ds)
+    a = data.per_class_subset(ds, 3, seed=0)
+    counts = torch.bincount(torch.tensor([labels[i] for i in a.indices]), minlength=10)
+    assert counts.tolist() == [3] * 10
+    assert a.indices == data.per_class_subset(ds, 3, seed=0).indices
+    assert a.indices != data.per_class_subset(ds, 3, seed=1).indices
+    with pytest.raises(data.DataError, match="fewer than --labels-per-class"):
+        data.per_class_subset(ds, 1000, seed=0)
+
+
+def test_eval_every_zero_evaluates_once_after_the_last_epoch(tmp_path):
+    finetune.main(["--img-size", "16", "--patch-size", "4", "--synthetic-size", "32",
+                   "--max-images", "16", "--batch-size", "8", "--epochs", "3",
+                   "--warmup-epochs", "1", "--num-workers", "0", "--eval-every", "0",
+                   "--out-dir", str(tmp_path)])
+    with open(tmp_path / "log.jsonl") as f:
+        evals = [json.loads(line) for line in f if "top1" in line]
+    assert [r["epoch"] for r in evals] == [3]
