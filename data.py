@@ -316,7 +316,7 @@ def evenly_spaced(dataset, max_images):
 def labels_of(dataset):
     """The label of every sample of a build_dataset dataset, without decoding any image."""
     raw = dataset.raw
-    for name in ("labels", "targets"):  # Fashion-MNIST and synthetic; torchvision datasets
+    for name in ("labels", "targets", "_labels"):  # ours; torchvision's (two spellings)
         if hasattr(raw, name):
             return [int(y) for y in getattr(raw, name)]
     if hasattr(raw, "samples"):  # ImageFolder

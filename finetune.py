@@ -439,23 +439,18 @@ def parse_args(argv=None):
     given, _ = parser.parse_known_args(argv)
     source = plumbing.checkpoint_args(given.init) if given.init else {}
     recipe = given.recipe
-    if (given.eval or given.export) and "recipe" in source:  # one of our fine-tuned files
+    evaluating = (given.eval or given.export) and "recipe" in source  # our fine-tuned file
+    if evaluating:
         recipe = source["recipe"]
-        parser.set_defaults(recipe=recipe, global_pool=source.get("global_pool"),
-                            rel_pos=source.get("rel_pos", False))
     layers = [dict(RECIPES[recipe])]
+    if evaluating:  # the file's head layout, over its recipe's
+        layers.append(dict(recipe=recipe, global_pool=source.get("global_pool"),
+                           rel_pos=source.get("rel_pos", False)))
     if given.data == "synthetic":
         layers.append(SYNTHETIC)
     layers.append({k: source[k] for k in ("model", "img_size", "patch_size") if k in source})
     for layer in layers:
         parser.set_defaults(**layer)
-    if given.resume:
-        resumed = plumbing.resumed_defaults(given.resume, vars(given))
-        if isinstance(resumed.get("lr"), float):  # written before --lr was parsed as a list
-            resumed["lr"] = [resumed["lr"]]
-        parser.set_defaults(**resumed)
-        plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
-                        f"{given.resume}")
     model, _ = parser.parse_known_args(argv)
     if model.model in HIERA_CONFIGS:  # mean-pooled, 32-px multiples, its own head init
         parser.set_defaults(global_pool="avg")
@@ -463,6 +458,13 @@ def parse_args(argv=None):
             parser.set_defaults(img_size=64)
         if recipe != "linprobe":
             parser.set_defaults(head_init_std=None)
+    if given.resume:  # last, so that a resumed run keeps every value it had
+        resumed = plumbing.resumed_defaults(given.resume, vars(given))
+        if isinstance(resumed.get("lr"), float):  # written before --lr was parsed as a list
+            resumed["lr"] = [resumed["lr"]]
+        parser.set_defaults(**resumed)
+        plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
+                        f"{given.resume}")
     args = parser.parse_args(argv)
     validate(args, parser)
     return args
@@ -478,7 +480,7 @@ def validate(args, parser):
         parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera")
     depth = sum(HIERA_CONFIGS[args.model]["stages"]) if hiera else VIT_CONFIGS[args.model]["depth"]
     if args.keep_blocks is not None:
-        if args.init is None:
+        if args.init is None and args.resume is None:
             parser.error("--keep-blocks needs --init (blocks to keep)")
         if not 0 <= args.keep_blocks <= depth:
             parser.error(f"--keep-blocks {args.keep_blocks} must be within 0..{depth} "
@@ -665,6 +667,7 @@ def train(args):
                 loss_sum = torch.zeros((), device=device)
                 loss_count = 0
                 t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)  # no unfinished accumulation leaks on
         if loss_count:
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
                                   last_path)
@@ -715,6 +718,8 @@ def main(argv=None):
     try:
         if args.export:
             return export(args)
+        if args.eval:  # one evaluation, whatever lrs the recipe sweeps
+            return train(args)
         return sweep(args)
     except (data.DataError, CheckpointError, plumbing.RunError) as e:
         sys.exit(f"error: {e}")

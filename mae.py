@@ -476,10 +476,11 @@ def validate(args, parser):
         parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
                      "fused stages")
     if hiera and args.teacher is not None and (args.teacher_model not in HIERA_CONFIGS
-                                               or args.distill_target == "relation"):
+                                               or args.distill_target == "relation"
+                                               or args.teacher_input == "full"):
         parser.error("a Hiera student distils attention or representations (--distill-target "
-                     "attn / rep) from a Hiera teacher (--teacher-model hiera_*) whose blocks see "
-                     "the same tokens")
+                     "attn / rep) from a Hiera teacher (--teacher-model hiera_*) that sees the "
+                     "same kept mask units (--teacher-input visible)")
     if args.recon_layer == 0 and args.teacher is None:
         parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
@@ -713,6 +714,7 @@ def train(args):
                 loss_count = 0
                 images_since_log = 0
                 t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)  # no unfinished accumulation leaks on
         if loss_count:  # the epoch's last steps not yet logged must be finite too
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
                                   step, last_path)

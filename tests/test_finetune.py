@@ -143,7 +143,7 @@ def test_eval_reproduces_the_logged_accuracy(finetuned):
     assert len(epochs) == 2 and epochs[-1]["best_top1"] == result["best_top1"]
     best = max(epochs, key=lambda r: r["top1"])
     evaluated = finetune.main(["--init", str(out / "best.pth"), "--eval", "--num-workers", "0",
-                               "--synthetic-size", "64"])[0][1]
+                               "--synthetic-size", "64"])
     assert evaluated["top1"] == best["top1"] and evaluated["top5"] == best["top5"]
 
 
@@ -184,7 +184,7 @@ def test_rel_pos_fine_tune_and_eval(tmp_path):
     assert state["blocks.0.attn.relative_position_bias_table"].abs().sum() > 0  # it trained
     logged = read_log(tmp_path / "log.jsonl")[-1]["top1"]
     evaluated = finetune.main(["--init", str(tmp_path / "best.pth"), "--eval", "--num-workers",
-                               "0", "--synthetic-size", "64"])[0][1]
+                               "0", "--synthetic-size", "64"])
     assert evaluated["top1"] == logged
 
 

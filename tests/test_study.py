@@ -78,3 +78,26 @@ def test_eval_every_zero_evaluates_once_after_the_last_epoch(tmp_path):
     with open(tmp_path / "log.jsonl") as f:
         evals = [json.loads(line) for line in f if "top1" in line]
     assert [r["epoch"] for r in evals] == [3]
+
+
+def test_eval_keeps_the_files_pooling_and_recipe(tmp_path):
+    flags = ["--img-size", "16", "--patch-size", "4", "--synthetic-size", "16", "--max-images",
+             "16", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0",
+             "--num-workers", "0"]
+    finetune.main(flags + ["--recipe", "transfer", "--lr", "0.01", "--global-pool", "token",
+                           "--out-dir", str(tmp_path)])
+    path = str(tmp_path / "checkpoint.pth")
+    args = finetune.parse_args(["--init", path, "--eval"])
+    assert (args.recipe, args.global_pool) == ("transfer", "token")  # not the recipe's avg
+    result = finetune.main(["--init", path, "--eval", "--num-workers", "0",
+                            "--synthetic-size", "16", "--max-images", "16"])
+    assert set(result) >= {"top1", "top5"}  # one evaluation, not one per swept lr
+
+
+def test_hiera_student_with_a_full_image_teacher_is_refused(capsys):
+    import mae
+
+    with pytest.raises(SystemExit) as exit_info:
+        mae.main(["--model", "hiera_tiny_lite", "--teacher", "t.pth", "--teacher-model",
+                  "hiera_tiny_lite", "--teacher-input", "full"])
+    assert exit_info.value.code == 2 and "--teacher-input visible" in capsys.readouterr().err
