@@ -373,9 +373,6 @@ class Readable:
         self.batches = batches
         self.bad_images = bad_images
 
-    def __len__(self):
-        return len(self.batches)
-
     def __iter__(self):
         for imgs, labels, n_bad in self.batches:
             if self.bad_images is not None:
