@@ -354,10 +354,14 @@ def make_loader(dataset, batch_size, epoch, seed, rank=0, world_size=1, num_work
     """One epoch's loader of (images, labels), unreadable images left out (and counted into
     bad_images, a BadImages, when given). Order and augmentation depend only on (seed, epoch,
     rank), so a run resumed at an epoch boundary sees exactly the batches an uninterrupted run
-    would."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last)
-    sampler.set_epoch(epoch)
+    would. shuffle=False with drop_last=False (evaluation) shards the images exactly: each is
+    seen once, by one process."""
+    if shuffle or drop_last:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler.set_epoch(epoch)
+    else:  # evaluation: each image exactly once over all processes (DistributedSampler would
+        sampler = range(rank, len(dataset), world_size)  # repeat some to even out the shards)
     generator = torch.Generator().manual_seed(run_seed(seed, epoch, rank))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_skipping_bad, drop_last=drop_last,

@@ -38,17 +38,17 @@ class DistillError(ValueError):
 # Teacher
 
 
-def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2):
+def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2, trust=False):
     """A frozen teacher (eval mode, no gradients) built as `model_name` and loaded through
     model.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours, plain state
     dicts, Hiera files. Every encoder key and the ViT's final norm must be present with the right
     shape. A Hiera teacher is built with the student's q_pool (its MAE files have no final norm,
-    which attention distillation does not use)."""
+    which attention distillation does not use). trust: unpickle the file in full."""
     if model_name in HIERA_CONFIGS:
         teacher = build_model(model_name, img_size=img_size, num_classes=0, q_pool=q_pool)
     else:
         teacher = build_model(model_name, img_size=img_size, patch_size=patch_size)
-    report = load_pretrained(teacher, path, verbose=False)
+    report = load_pretrained(teacher, path, verbose=False, trust=trust)
     if isinstance(teacher, Hiera):
         report["initialised"] = [k for k in report["initialised"] if not k.startswith("norm.")]
     if report["initialised"]:  # e.g. no final norm: the teacher would be partly random

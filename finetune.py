@@ -15,6 +15,7 @@ A recipe is a set of defaults (RECIPES below); every flag overrides its entry.
 import argparse
 import copy
 import itertools
+import json
 import os
 import sys
 import time
@@ -33,7 +34,7 @@ import data
 import plumbing
 from hiera import HIERA_CONFIGS
 from model import (PRESETS, VIT_CONFIGS, CheckpointError, build_model, load_pretrained,
-                   read_state_dict)
+                   read_hub_config, read_state_dict)
 
 # The papers' recipes. Batch sizes are per process; lr = blr * (batch * accum * GPUs) / 256, so
 # the published batch (1024 for impr/mae) is e.g. --batch-size 256 on 4 GPUs or --accum-iter 4.
@@ -374,8 +375,9 @@ def get_parser():
     g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--epochs", type=int, default=r["epochs"], help="training epochs "
                    "(synthetic: 10)")
-    g.add_argument("--warmup-epochs", type=int, default=r["warmup_epochs"],
-                   help="linear warmup epochs (synthetic: 1)")
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warmup epochs (none given: the recipe's fraction of --epochs, "
+                        "e.g. impr 5 of 300; synthetic: 1)")
     g.add_argument("--blr", type=float, default=r["blr"], help="base lr: lr = blr * batch / 256")
     g.add_argument("--lr", type=lr_list, default=None,
                    help="absolute lr, or a comma list: one run each, then a table (transfer: "
@@ -411,15 +413,21 @@ def get_parser():
                    help="random erasing probability (mae 0.25)")
     g = p.add_argument_group("run")
     g.add_argument("--eval", action="store_true", help="evaluate --init and exit")
-    g.add_argument("--export", default=None, metavar="PATH",
-                   help="write --init as a plain state dict for timm's VisionTransformer, exit")
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="write --init in timm's hub layout (DIR/model.safetensors + config.json: "
+                        "timm.create_model('local-dir:DIR', pretrained=True)), exit")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the --init file in full (only for files you trust: a pickle "
+                        "can run code); by default only tensors and argparse.Namespace")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere)")
+                   help="autocast precision (auto: bf16 on GPUs that have it, fp16 with loss "
+                        "scaling on older GPUs, fp32 on CPU)")
     g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model (auto: on for CUDA)")
     g.add_argument("--out-dir", default="out/finetune", help="checkpoints and log.jsonl")
     g.add_argument("--resume", default=None,
-                   help="continue a run from its checkpoint.pth; flags not given take its run's")
+                   help="continue a run from its checkpoint.pth; flags not given take its run's "
+                        "(auto: --out-dir's checkpoint.pth if there is one, else start)")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint-<epoch>.pth every this many epochs (0: never)")
     g.add_argument("--log-every", type=int, default=20, help="log every this many steps")
@@ -437,18 +445,21 @@ def parse_args(argv=None):
     flags of the run it continues; a flag given on the command line wins over all of them."""
     parser = get_parser()
     given, _ = parser.parse_known_args(argv)
-    source = plumbing.checkpoint_args(given.init) if given.init else {}
+    given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
+    source = init_source_args(given.init) if given.init else {}
     recipe = given.recipe
     evaluating = (given.eval or given.export) and "recipe" in source  # our fine-tuned file
     if evaluating:
         recipe = source["recipe"]
-    layers = [dict(RECIPES[recipe])]
+    layers = [{k: v for k, v in RECIPES[recipe].items() if k != "warmup_epochs"}]
     if evaluating:  # the file's head layout, over its recipe's
         layers.append(dict(recipe=recipe, global_pool=source.get("global_pool"),
                            rel_pos=source.get("rel_pos", False)))
     if given.data == "synthetic":
         layers.append(SYNTHETIC)
-    layers.append({k: source[k] for k in ("model", "img_size", "patch_size") if k in source})
+    arch = ("model", "img_size", "patch_size") + (("global_pool",) if given.eval or given.export
+                                                  else ())  # a classifier keeps its pooling
+    layers.append({k: source[k] for k in arch if k in source and source[k] is not None})
     for layer in layers:
         parser.set_defaults(**layer)
     model, _ = parser.parse_known_args(argv)
@@ -466,8 +477,37 @@ def parse_args(argv=None):
         plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
                         f"{given.resume}")
     args = parser.parse_args(argv)
+    args.resume = given.resume
+    plumbing.warmup_from_fraction(args, RECIPES[args.recipe]["warmup_epochs"]
+                                  / RECIPES[args.recipe]["epochs"])
     validate(args, parser)
     return args
+
+
+def init_source_args(path):
+    """The architecture flags an --init file states: our checkpoints' args, or the config.json
+    of timm's hub layout beside it (what --export writes); {} for files that say nothing."""
+    stored = plumbing.checkpoint_args(path)
+    if stored:
+        return stored
+    try:
+        config = read_hub_config(path)
+    except CheckpointError:
+        return {}  # the load itself reports it
+    model_args = config.get("model_args") or {}
+    shape = {k: model_args.get(k) for k in ("embed_dim", "depth", "num_heads")}
+    found = {}
+    for name, cfg in VIT_CONFIGS.items():
+        if cfg == shape:
+            found["model"] = name
+    size = model_args.get("img_size")
+    if isinstance(size, int) or (isinstance(size, list) and len(set(size)) == 1):
+        found["img_size"] = size if isinstance(size, int) else size[0]
+    if isinstance(model_args.get("patch_size"), int):
+        found["patch_size"] = model_args["patch_size"]
+    if config.get("global_pool") in ("avg", "token"):
+        found["global_pool"] = config["global_pool"]
+    return found
 
 
 def validate(args, parser):
@@ -523,7 +563,8 @@ def prepare_model(args, num_classes, device):
         init_like_timm(model)  # timm's ViT, as the papers' code; --init overwrites the backbone
     if args.init:
         fresh = copy.deepcopy(model) if args.keep_blocks is not None else None
-        load_pretrained(model, args.init, verbose=plumbing.is_main_process())
+        load_pretrained(model, args.init, verbose=plumbing.is_main_process(),
+                        trust=args.trust_checkpoint)
         if fresh is not None:
             reinit_blocks(model, fresh, args.keep_blocks)
             plumbing.print0(f"kept blocks 1..{args.keep_blocks}, re-initialised "
@@ -538,26 +579,62 @@ def prepare_model(args, num_classes, device):
 
 
 def export(args):
-    """A plain state dict with timm's VisionTransformer keys (same shape, same logits)."""
+    """--init in timm's hub layout: DIR/model.safetensors (timm's VisionTransformer keys) and
+    DIR/config.json (architecture, num_classes, model_args with the head count, pretrained_cfg).
+    timm.create_model('local-dir:DIR', pretrained=True) builds and loads it (timm >= 1.0.16), as
+    does finetune.py --init DIR/model.safetensors (config.json gives the architecture)."""
     if args.model in HIERA_CONFIGS:
         raise CheckpointError("--export writes timm's VisionTransformer; a Hiera checkpoint "
                               "already has the official Hiera keys (timm's hiera "
                               "checkpoint_filter_fn converts them)")
-    model = prepare_model(args, checkpoint_num_classes(args.init), torch.device("cpu"))
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("--export writes model.safetensors, which needs the safetensors "
+                              "package: pip install safetensors") from None
+    if os.path.exists(args.export) and not os.path.isdir(args.export):
+        raise CheckpointError(f"--export {args.export} is a file: give a folder (it will hold "
+                              "model.safetensors and config.json)")
+    model = prepare_model(args, checkpoint_num_classes(args.init, args.trust_checkpoint),
+                          torch.device("cpu"))
     if args.rel_pos or args.recipe == "linprobe":
         raise CheckpointError("timm's VisionTransformer has no relative position bias nor "
                               "BatchNorm head: export a fine-tuned model without --rel-pos")
-    plumbing.save_checkpoint(model.state_dict(), args.export)
-    cfg = VIT_CONFIGS[args.model]
-    print(f"wrote {args.export}; load it with timm.models.vision_transformer.VisionTransformer("
-          f"img_size={args.img_size}, patch_size={args.patch_size}, "
-          f"embed_dim={cfg['embed_dim']}, depth={cfg['depth']}, num_heads={cfg['num_heads']}, "
-          f"num_classes={model.num_classes}, global_pool='{args.global_pool}')"
-          ".load_state_dict(torch.load(path))")
+    os.makedirs(args.export, exist_ok=True)
+    weights = os.path.join(args.export, "model.safetensors")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    config = os.path.join(args.export, "config.json")
+    with open(config + ".tmp", "w") as f:
+        json.dump(hub_config(args, model), f, indent=2)
+    os.replace(config + ".tmp", config)
+    print(f"wrote {weights} and {config}; load them with timm.create_model('local-dir:"
+          f"{args.export}', pretrained=True) or finetune.py --init {weights}")
 
 
-def checkpoint_num_classes(path):
-    head = {k: v for k, v in read_state_dict(path).items()
+def hub_config(args, model):
+    """timm's config.json for a ViT (timm/models/_hub.py save_config_for_hf): the architecture
+    named by size, the actual shape in model_args (which override the name's defaults, so the
+    papers' 12-head ViT-Tiny stays 12-head), and the evaluation transform in pretrained_cfg."""
+    size = args.model.split("_")[1]  # tiny, small, base, large
+    h, w = model.img_size
+    model_args = dict(img_size=[h, w], patch_size=model.patch_size, embed_dim=model.embed_dim,
+                      depth=model.depth, num_heads=model.num_heads, num_classes=model.num_classes,
+                      global_pool=model.global_pool)
+    return {"architecture": f"vit_{size}_patch16_224", "num_classes": model.num_classes,
+            "num_features": model.num_features, "global_pool": model.global_pool,
+            "model_args": model_args,
+            "pretrained_cfg": {"tag": "nanomim", "custom_load": False, "input_size": [3, h, w],
+                               "fixed_input_size": True, "interpolation": "bicubic",
+                               "crop_pct": 224 / 256, "crop_mode": "center",
+                               "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD),
+                               "num_classes": model.num_classes, "pool_size": None,
+                               "first_conv": "patch_embed.proj", "classifier": "head"}}
+
+
+def checkpoint_num_classes(path, trust=False):
+    head = {k: v for k, v in read_state_dict(path, trust).items()
             if k in ("head.weight", "head.1.weight", "head.projection.weight")}
     if not head:
         raise CheckpointError(f"{path} has no classifier head: export a fine-tuned checkpoint")
@@ -602,6 +679,7 @@ def train(args):
     eff_batch = args.batch_size * args.accum_iter * world_size
     lr = args.lr[0] if args.lr else args.blr * eff_batch / 256  # one run: one lr
     optimizer = build_optimizer(args, module, lr, device)
+    scaler = plumbing.grad_scaler(precision, device)
     mixing = build_mixing(args, num_classes)
     start_epoch = 0
     step = 0
@@ -611,6 +689,8 @@ def train(args):
         ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
         step = ckpt["step"]
         best = ckpt["best"]
@@ -651,11 +731,11 @@ def train(args):
             with plumbing.autocast(device, precision):
                 logits = model(imgs)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
-            (loss / args.accum_iter).backward()
+            scaler.scale(loss / args.accum_iter).backward()
             loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
             if (it + 1) % args.accum_iter:
                 continue
-            plumbing.optimizer_step(optimizer, args.clip_grad)
+            plumbing.optimizer_step(optimizer, args.clip_grad, scaler)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 mean = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # host sync
@@ -684,15 +764,15 @@ def train(args):
                             f"{best['epoch']})")
         if is_main:
             state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "step": step, "args": vars(args), "best": best,
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "args": vars(args), "best": best,
                      "metrics": result, **bad_images.state_dict()}
             plumbing.save_checkpoint(state, last_path)
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 plumbing.save_checkpoint(state, os.path.join(args.out_dir,
                                                              f"checkpoint-{epoch + 1}.pth"))
             if is_best:
-                plumbing.save_checkpoint({k: v for k, v in state.items() if k != "optimizer"},
-                                         best_path)
+                plumbing.save_checkpoint({k: v for k, v in state.items()
+                                          if k not in ("optimizer", "scaler")}, best_path)
     return dict(result, best_top1=best["top1"])
 
 

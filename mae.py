@@ -21,7 +21,8 @@ import data
 import distill
 import plumbing
 from hiera import HIERA_CONFIGS, Hiera
-from model import VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, sincos_pos_embed
+from model import (VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, load_pretrained,
+                   sincos_pos_embed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,10 +267,13 @@ def build_mae(name, **kwargs):
     return MAE(**VIT_CONFIGS[name], **kwargs)
 
 
+# The pre-training-only modules of MAE and HieraMAE (the decoder side).
+DECODER_PREFIXES = ("decoder_", "mask_token", "multi_scale_fusion", "encoder_norm")
+
+
 def encoder_state_dict(model):
     """The backbone alone (what fine-tuning and timm load): every key but the decoder's."""
-    return {k: v for k, v in model.state_dict().items()
-            if not k.startswith(("decoder_", "mask_token", "multi_scale_fusion", "encoder_norm"))}
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(DECODER_PREFIXES)}
 
 
 @torch.no_grad()
@@ -396,8 +400,9 @@ def get_parser():
                    help="gradient accumulation steps (effective batch = batch * accum * GPUs)")
     p.add_argument("--epochs", type=int, default=400,
                    help="training epochs (--data synthetic: 8)")
-    p.add_argument("--warmup-epochs", type=int, default=40,
-                   help="linear warmup epochs (--data synthetic: 1)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warmup epochs (none given: 10%% of --epochs, the papers' 40 of "
+                        "400; --data synthetic: 1)")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
@@ -409,12 +414,21 @@ def get_parser():
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes per GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere)")
+                   help="autocast precision (auto: bf16 on GPUs that have it, fp16 with loss "
+                        "scaling on older GPUs, fp32 on CPU)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model (auto: on for CUDA)")
     p.add_argument("--out-dir", default="out/mae", help="where checkpoints, log and PNG go")
     p.add_argument("--resume", default=None,
-                   help="checkpoint to continue from exactly; flags not given take its run's")
+                   help="checkpoint to continue from exactly; flags not given take its run's "
+                        "(auto: --out-dir's checkpoint.pth if there is one, else start)")
+    p.add_argument("--init", default=None,
+                   help="warm start: weights of an encoder or encoder + decoder checkpoint (ours, "
+                        "FAIR's, MAE-Lite's, timm's .safetensors), with a fresh optimizer and "
+                        "schedule (unlike --resume)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle --init / --teacher files in full (only for files you trust: a "
+                        "pickle can run code); by default only tensors and argparse.Namespace")
     p.add_argument("--save-every", type=int, default=20,
                    help="also keep checkpoint-<epoch>.pth every this many epochs")
     p.add_argument("--log-every", type=int, default=20, help="log every this many steps")
@@ -441,8 +455,14 @@ PRETRAIN_DEFAULTS = {
     "hiera_small": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
     "hiera_base": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
 }
+PRETRAIN_DEFAULTS["deit_tiny"] = PRETRAIN_DEFAULTS["vit_tiny"]  # DeiT's head counts, same recipe
+PRETRAIN_DEFAULTS["deit_small"] = PRETRAIN_DEFAULTS["vit_small"]
 # The synthetic demo is small enough for a laptop CPU (Hiera: 64 px, two mask units a side).
 DEMO_DEFAULTS = dict(img_size=32, patch_size=4, batch_size=64, epochs=8, warmup_epochs=1)
+WARMUP_FRACTION = 0.1  # --warmup-epochs not given: the papers' 40 of 400 epochs
+# The architecture flags a warm start (--init) of one of our checkpoints takes from its run.
+INIT_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", "decoder_heads",
+             "norm_pix_loss")
 
 
 def parse_args(argv=None):
@@ -452,17 +472,25 @@ def parse_args(argv=None):
     on the command line wins over all of them."""
     parser = get_parser()
     given, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**PRETRAIN_DEFAULTS[given.model])
+    given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
+    source = plumbing.checkpoint_args(given.init) if given.init else {}  # ours: its architecture
+    source = {k: v for k, v in source.items() if k in INIT_ARGS}
+    parser.set_defaults(**source)  # its --model first, so the presets below are that model's
+    model = parser.parse_known_args(argv)[0].model
+    parser.set_defaults(**PRETRAIN_DEFAULTS[model])
     if given.data == "synthetic":
         parser.set_defaults(**DEMO_DEFAULTS)
-        if given.model in HIERA_CONFIGS:
+        if model in HIERA_CONFIGS:
             parser.set_defaults(img_size=64)
+    parser.set_defaults(**source)
     if given.resume:
         resumed = plumbing.resumed_defaults(given.resume, vars(given))
         parser.set_defaults(**resumed)
         plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
                         f"{given.resume}")
     args = parser.parse_args(argv)
+    args.resume = given.resume
+    plumbing.warmup_from_fraction(args, WARMUP_FRACTION)
     validate(args, parser)
     return args
 
@@ -481,6 +509,9 @@ def validate(args, parser):
         parser.error("a Hiera student distils attention or representations (--distill-target "
                      "attn / rep) from a Hiera teacher (--teacher-model hiera_*) that sees the "
                      "same kept mask units (--teacher-input visible)")
+    if args.init is not None and args.resume is not None:
+        parser.error("--init starts a new run from weights and --resume continues a run: give "
+                     "one of them")
     if args.recon_layer == 0 and args.teacher is None:
         parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
@@ -581,7 +612,8 @@ def build_training_module(args, device):
         return student.to(device), student
     teacher = distill.load_teacher(args.teacher, args.teacher_model, img_size=args.img_size,
                                    patch_size=args.patch_size,
-                                   q_pool=getattr(student, "q_pool", 2))
+                                   q_pool=getattr(student, "q_pool", 2),
+                                   trust=args.trust_checkpoint)
     student_layers, teacher_layers = distill_layers(args)
     module = distill.DistilledMAE(student, teacher, student_layers, teacher_layers,
                                   target=args.distill_target, distill_on=args.distill_on,
@@ -592,6 +624,22 @@ def build_training_module(args, device):
     return module.to(device), student
 
 
+def warm_start(student, path, trust=False):
+    """--init: the student's weights from any encoder or encoder + decoder checkpoint (through
+    model.load_pretrained, which prints what it loaded); the optimizer and schedule start afresh.
+    Says whether the decoder came from the file or starts from its initialisation."""
+    report = load_pretrained(student, path, verbose=plumbing.is_main_process(), trust=trust)
+    decoder = [k for k in student.state_dict() if k.startswith(DECODER_PREFIXES)]
+    fresh = [k for k in decoder if k in report["initialised"]]
+    where = ("the decoder starts from its initialisation" if len(fresh) == len(decoder) else
+             "the decoder came from the file" if not fresh else
+             f"{len(fresh)} of the decoder's {len(decoder)} tensors start from initialisation")
+    name = path if isinstance(path, str) else "the state dict"
+    plumbing.print0(f"--init {name}: the encoder came from the file; {where}; optimizer and "
+                    "schedule start afresh")
+    return report
+
+
 # Parameters exempt from weight decay besides the 1-D ones: none, as the papers' code. Runs
 # written before nanoMIM followed it exempted tokens and position embeddings; their
 # checkpoints lack "no_decay_names" and resume with that rule, so the optimizer state fits.
@@ -599,11 +647,13 @@ NO_DECAY = ()
 LEGACY_NO_DECAY = ("token", "pos_embed")
 
 
-def checkpoint_state(module, student, optimizer, epoch, step, args, bad_images, no_decay):
+def checkpoint_state(module, student, optimizer, scaler, epoch, step, args, bad_images,
+                     no_decay):
     """A plain dict: `model` holds the student MAE alone (FAIR keys, what fine-tuning loads);
     `distill` the head maps / extra blocks, needed only to resume pre-training."""
-    state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "step": step, "args": vars(args), "no_decay_names": list(no_decay),
+    state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "args": vars(args),
+             "no_decay_names": list(no_decay),
              **bad_images.state_dict()}  # skipped_images, seen_images
     if module is not student:
         state["distill"] = module.distill_state_dict()
@@ -621,6 +671,8 @@ def train(args):
 
     plumbing.seed_everything(args.seed)
     module, student = build_training_module(args, device)
+    if args.init:
+        warm_start(student, args.init, args.trust_checkpoint)
     if args.loader == "device":  # workers read bytes; decode + augment on the device
         dataset = data.DeviceLoader(args.data_root, args.batch_size, seed=args.seed,
                                     device=device, img_size=args.img_size,
@@ -648,6 +700,7 @@ def train(args):
     optimizer = torch.optim.AdamW(
         plumbing.param_groups(module, args.weight_decay, no_decay_names=no_decay), lr=lr,
         betas=(0.9, 0.95), fused=device.type == "cuda")
+    scaler = plumbing.grad_scaler(precision, device)
     start_epoch = 0
     step = 0
     bad_images = data.BadImages()
@@ -656,6 +709,8 @@ def train(args):
         if module is not student:
             module.load_distill_state_dict(ckpt["distill"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
         step = ckpt["step"]
         bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
@@ -694,14 +749,14 @@ def train(args):
                 views["teacher_imgs"], imgs = imgs.unbind(1)
             with plumbing.autocast(device, precision):
                 out = model(imgs, args.mask_ratio, **views)
-            (out["loss"] / args.accum_iter).backward()
+            scaler.scale(out["loss"] / args.accum_iter).backward()
             names = [k for k in out if k.endswith("loss")]  # + recon_loss, distill_loss
             loss_sums = loss_sums + torch.stack([out[k].detach().float() for k in names])
             loss_count += 1
             images_since_log += imgs.shape[0]
             if (it + 1) % args.accum_iter:
                 continue
-            plumbing.optimizer_step(optimizer, args.clip_grad)
+            plumbing.optimizer_step(optimizer, args.clip_grad, scaler)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 means = dict(zip(names, plumbing.all_reduce_mean(loss_sums / loss_count).tolist()))
@@ -719,8 +774,8 @@ def train(args):
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
                                   step, last_path)
         if is_main:
-            ckpt = checkpoint_state(module, student, optimizer, epoch, step, args, bad_images,
-                                    no_decay)
+            ckpt = checkpoint_state(module, student, optimizer, scaler, epoch, step, args,
+                                    bad_images, no_decay)
             plumbing.save_checkpoint(ckpt, last_path)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,

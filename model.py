@@ -9,7 +9,12 @@ Conventions (shared with FAIR MAE and timm, so checkpoints move freely):
   * block numbers in every public argument are 1-indexed, as in the papers ("block 12" is the
     last block of ViT-Tiny), while `self.blocks` is an ordinary 0-indexed ModuleList.
 """
+import argparse
+import json
 import math
+import os
+import pickle
+import re
 
 import torch
 import torch.nn as nn
@@ -339,19 +344,34 @@ class ViT(nn.Module):
 
 
 # (width, depth, heads) of each preset; MAE and the teachers are built from the same table.
+# The papers' ViT-Tiny and ViT-Small have 12 heads; DeiT's (and timm's vit_tiny / vit_small)
+# have 3 and 6. The tensors have the same shapes either way, so the head count of a file must be
+# known, not guessed from it (see declared_heads).
 VIT_CONFIGS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=12),
+               "deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
                "vit_small": dict(embed_dim=384, depth=12, num_heads=12),
+               "deit_small": dict(embed_dim=384, depth=12, num_heads=6),
                "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
                "vit_large": dict(embed_dim=1024, depth=24, num_heads=16)}
 
 
 def vit_tiny(**kwargs):
-    """The papers' ViT-Tiny: 192 wide, 12 blocks, 12 heads of width 16 (timm's has 3 heads)."""
+    """The papers' ViT-Tiny: 192 wide, 12 blocks, 12 heads of width 16 (DeiT's has 3)."""
     return ViT(**VIT_CONFIGS["vit_tiny"], **kwargs)
+
+
+def deit_tiny(**kwargs):
+    """DeiT's ViT-Tiny (timm's vit_tiny_patch16_224): as vit_tiny but 3 heads of width 64."""
+    return ViT(**VIT_CONFIGS["deit_tiny"], **kwargs)
 
 
 def vit_small(**kwargs):
     return ViT(**VIT_CONFIGS["vit_small"], **kwargs)
+
+
+def deit_small(**kwargs):
+    """DeiT's ViT-Small (timm's vit_small_patch16_224): 6 heads of width 64."""
+    return ViT(**VIT_CONFIGS["deit_small"], **kwargs)
 
 
 def vit_base(**kwargs):
@@ -362,8 +382,8 @@ def vit_large(**kwargs):
     return ViT(**VIT_CONFIGS["vit_large"], **kwargs)
 
 
-PRESETS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
-           "vit_large": vit_large}
+PRESETS = {"vit_tiny": vit_tiny, "deit_tiny": deit_tiny, "vit_small": vit_small,
+           "deit_small": deit_small, "vit_base": vit_base, "vit_large": vit_large}
 
 
 def build_model(name, **kwargs):
@@ -395,25 +415,57 @@ SELECT_PREFIXES = ("module.base_encoder.", "module.model.", "model.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def read_state_dict(path_or_state_dict):
-    """Open a checkpoint in any of the supported formats and return a plain state dict."""
-    obj = path_or_state_dict
-    if isinstance(obj, str):
+# What published checkpoints pickle besides tensors and containers: the training files of FAIR
+# MAE, DeiT and TinyMIM carry the run's argparse.Namespace. Anything else is refused unless the
+# user passes --trust-checkpoint: a pickle can run code when it is loaded.
+SAFE_GLOBALS = [argparse.Namespace]
+TRUST_HINT = ("if you trust the file's source, pass --trust-checkpoint (it unpickles the file in "
+              "full, so code in it can run)")
+
+
+def open_checkpoint(path, trust=False):
+    """The object a checkpoint file holds: torch.save files (.pth, .pt, .bin) unpickled with
+    weights_only=True and SAFE_GLOBALS allowed (trust=True: in full), .safetensors files (a
+    flat state dict; the optional safetensors package). Raises CheckpointError naming the fix."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    if path.endswith(".safetensors"):
         try:
-            obj = torch.load(obj, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {path_or_state_dict} does not exist: check the path")
-        except Exception:
-            # FAIR training checkpoints pickle an argparse.Namespace; say so, then load them.
-            print(f"note: {path_or_state_dict} holds Python objects besides tensors; loading it "
-                  "with weights_only=False (do this only for files you trust)")
-            try:
-                obj = torch.load(obj, map_location="cpu", weights_only=False)
-            except Exception as e:
-                raise CheckpointError(f"cannot read {path_or_state_dict} ({type(e).__name__}): "
-                                      "the file is damaged or not a PyTorch checkpoint") from None
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"reading {path} needs the safetensors package: "
+                                  "pip install safetensors") from None
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is damaged "
+                                  "or not a safetensors file") from None
+    try:
+        if trust:
+            print(f"note: --trust-checkpoint: unpickling {path} in full (code in it can run)")
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if "Weights only load failed" not in str(e) or not found:
+            raise CheckpointError(f"cannot read {path} (UnpicklingError): the file is damaged or "
+                                  "not a PyTorch checkpoint") from None
+        raise CheckpointError(f"{path} pickles {found.group(1)}, which no published checkpoint "
+                              f"we read holds, so it was not loaded; {TRUST_HINT}") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is damaged or "
+                              "not a PyTorch checkpoint") from None
+
+
+def state_dict_of(obj, name="the checkpoint"):
+    """The model's plain state dict inside a loaded checkpoint object, whatever its layout:
+    {"model": ...} (ours, FAIR), {"model_state": ...} (Hiera), {"state_dict": ...}, a bare state
+    dict; MAE-Lite's module.model. / module.base_encoder. selected; DDP / compile prefixes
+    stripped."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"expected a dict of tensors, got {type(obj).__name__}")
+        raise CheckpointError(f"{name} holds a {type(obj).__name__}, not a dict of tensors: "
+                              "save the model's state_dict()")
     for key in ("model", "model_state", "state_dict"):  # ours & FAIR, Hiera, others
         if isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -431,6 +483,100 @@ def read_state_dict(path_or_state_dict):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def read_checkpoint(path, trust=False):
+    """(state dict, (declared heads, where said)) of a checkpoint file; see declared_heads."""
+    obj = open_checkpoint(path, trust)
+    state = state_dict_of(obj, path)
+    return state, declared_heads(path, obj, state)
+
+
+def read_state_dict(path_or_state_dict, trust=False):
+    """Open a checkpoint in any of the supported formats and return a plain state dict."""
+    if isinstance(path_or_state_dict, str):
+        return state_dict_of(open_checkpoint(path_or_state_dict, trust), path_or_state_dict)
+    return state_dict_of(path_or_state_dict)
+
+
+# timm's (width, heads) by architecture name (FAIR MAE's and DeiT's names agree with them).
+TIMM_SHAPES = {"vit_tiny": (192, 3), "deit_tiny": (192, 3), "vit_small": (384, 6),
+               "deit_small": (384, 6), "vit_base": (768, 12), "deit_base": (768, 12),
+               "vit_large": (1024, 16), "vit_huge": (1280, 16)}
+
+
+def read_hub_config(path):
+    """The config.json beside a checkpoint (timm's hub layout: model.safetensors + config.json),
+    or {} when there is none."""
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(config):
+        return {}
+    try:
+        with open(config) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        raise CheckpointError(f"{config} (beside {path}) is not valid JSON: fix or remove it")
+    return found if isinstance(found, dict) else {}
+
+
+def declared_heads(path, obj, state):
+    """(heads, where it is said) of the ViT in a checkpoint file, or (None, None) when the file
+    does not say: our files' args["model"] (and FAIR's args.model), else config.json beside it
+    (model_args.num_heads, else timm's count for its architecture). A name is believed only when
+    its width is the state's."""
+    width = state["cls_token"].shape[-1] if "cls_token" in state else None
+    shapes = {**TIMM_SHAPES, **{n: (c["embed_dim"], c["num_heads"]) for n, c in VIT_CONFIGS.items()}}
+    args = obj.get("args") if isinstance(obj, dict) else None
+    name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
+    if isinstance(name, str):
+        for arch, (dim, heads) in shapes.items():  # ours exactly, FAIR's as mae_vit_base_patch16
+            if (name == arch or (name not in VIT_CONFIGS and arch in name)) and dim == width:
+                return heads, f"its args name the model {name}"
+    config = read_hub_config(path)
+    model_args = config.get("model_args") or {}
+    if "num_heads" in model_args:
+        return model_args["num_heads"], "num_heads in config.json"
+    arch = str(config.get("architecture", ""))
+    for prefix, (dim, heads) in TIMM_SHAPES.items():
+        if arch.startswith(prefix) and dim == width:
+            return heads, f"config.json names timm's {arch}"
+    return None, None
+
+
+def check_heads(model, name, heads, where):
+    """Refuse a file whose declared head count differs from the model's; when it declares none
+    and presets of the model's shape differ in heads, print a note that says which is loaded."""
+    alike = {n: c["num_heads"] for n, c in VIT_CONFIGS.items()
+             if (c["embed_dim"], c["depth"]) == (model.embed_dim, model.depth)}
+    if heads is not None and heads != model.num_heads:
+        match = [n for n, h in alike.items() if h == heads]
+        fix = f"use --model {match[0]}" if match else "build the model with that many heads"
+        raise CheckpointError(f"{name} holds a ViT with {heads} attention heads ({where}) but "
+                              f"this model has {model.num_heads}: {fix}")
+    if heads is None and len(set(alike.values())) > 1:
+        options = " or ".join(f"{n} ({h} heads)" for n, h in alike.items())
+        print(f"note: {name} does not say how many attention heads its ViT has; it is loaded "
+              f"with this model's {model.num_heads}. The tensors of {options} have the same "
+              "shapes, so check the file's origin (the papers' models have 12 heads, DeiT's and "
+              "timm's 3 or 6) and pick --model accordingly")
+
+
+# timm's Hiera renames the official keys (its checkpoint_filter_fn); these undo it.
+TIMM_HIERA_RENAMES = (("head.fc.", "head.projection."), ("head.norm.", "norm."))
+
+
+def from_timm_hiera(state):
+    """A timm Hiera state dict (head.fc.*, head.norm.*) with the official Hiera keys that
+    hiera.py uses; other state dicts are returned unchanged."""
+    if not any(k.startswith(("head.fc.", "head.norm.")) for k in state):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for old, new in TIMM_HIERA_RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+        renamed[key] = value
+    return renamed
 
 
 def resize_pos_embed(pos_embed, grid, num_prefix=1):
@@ -485,23 +631,30 @@ def _is_encoder_key(key, prefixes=ENCODER_PREFIXES):
     return key.startswith(prefixes)
 
 
-def load_pretrained(model, path_or_state_dict, verbose=True):
+def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=(None, None)):
     """Load a checkpoint into `model` (a ViT, a Hiera, or a module built on one) and report.
 
     Accepts our checkpoints, FAIR MAE files ({"model": ...}, encoder-only or with the decoder),
     MAE-Lite files (module.model. / module.base_encoder.), DDP / compile prefixes and plain state
-    dicts, official Hiera files ({"model_state": ...}). Resizes pos_embed to the model's grid. Keys the model lacks (decoder, heads of another
-    task) are dropped; model keys the file lacks outside the encoder (head, fc_norm, decoder) keep
+    dicts, official Hiera files ({"model_state": ...}), .safetensors files (timm's hub). Resizes
+    pos_embed to the model's grid. Keys the model lacks (decoder, heads of another task) are dropped; model keys the file lacks outside the encoder (head, fc_norm, decoder) keep
     their fresh initialisation. Refuses, with CheckpointError, a file whose encoder keys are
     missing or of another shape: a silently random backbone is never returned.
 
     MAE-Lite's D^2-MAE files (a 13th block of norm1 + attn.qkv alone) load into a 12-block ViT:
     that extra attention-only block of pre-training is dropped and listed under "extra_block".
 
+    trust: unpickle the file in full (--trust-checkpoint); otherwise only tensors, containers
+    and SAFE_GLOBALS. heads: (count, source) declared for a state dict passed in (a file says its
+    own, see declared_heads); a ViT file declaring another count than the model is refused.
+
     Returns {"loaded": [...], "dropped": [...], "initialised": [...], "resized": [...],
     "extra_block": [...]}.
     """
-    state = read_state_dict(path_or_state_dict)
+    if isinstance(path_or_state_dict, str):
+        state, heads = read_checkpoint(path_or_state_dict, trust)
+    else:
+        state = read_state_dict(path_or_state_dict)
     own = model.state_dict()
     name = path_or_state_dict if isinstance(path_or_state_dict, str) else "the state dict"
     prefixes = getattr(model, "ENCODER_PREFIXES", ENCODER_PREFIXES)
@@ -509,6 +662,9 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
     extra_block = []
     if kind == "ViT":  # a D^2-MAE file of MAE-Lite: 12 blocks plus the extra attention-only one
         state, extra_block = split_extra_block(state, model.depth)
+        check_heads(model, name, *heads)
+    else:
+        state = from_timm_hiera(state)
     if not any(_is_encoder_key(k, prefixes) for k in state):
         sample = ", ".join(sorted(state)[:4]) or "none"
         raise CheckpointError(f"{name} holds no {kind} encoder weights (keys such as {sample}); "
@@ -554,6 +710,11 @@ def load_pretrained(model, path_or_state_dict, verbose=True):
             continue
         to_load[key] = value
         report["loaded"].append(key)
+    broken = [k for k, v in to_load.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"{name} holds NaN or inf in {len(broken)} tensors (e.g. {broken[0]}): "
+                              "it was saved by a run that diverged or is corrupt; use an earlier "
+                              "checkpoint of that run")
     report["initialised"] = sorted(k for k in own if k not in to_load)
     model.load_state_dict(to_load, strict=False)
     if verbose:

@@ -59,12 +59,25 @@ def print0(*args, **kwargs):
 
 
 def resolve_precision(precision, device):
-    """'auto' is bf16 autocast on CUDA and fp32 elsewhere."""
+    """The autocast precision to run: 'auto' is bf16 on a CUDA GPU that computes it natively
+    (Ampere and newer), fp16 with loss scaling on older GPUs (V100, T4, which lack bf16), fp32
+    elsewhere. bf16 asked of a GPU without it is refused; fp16 runs on any device torch has it
+    for (with grad_scaler's loss scaling)."""
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise RunError("--precision fp16 needs a CUDA GPU; use bf16 or fp32")
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if native_bf16 else "fp16"
+    if precision == "bf16" and device.type == "cuda" and not native_bf16:
+        raise RunError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16: use "
+                       "--precision fp16 (with loss scaling) or fp32")
     return precision
+
+
+def grad_scaler(precision, device):
+    """fp16 gradients underflow without loss scaling: a GradScaler, enabled for fp16 only (a
+    pass-through otherwise). Saved in checkpoints as "scaler" so a resume continues its scale."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def autocast(device, precision):
@@ -147,13 +160,20 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def optimizer_step(optimizer, clip_grad=None):
+def optimizer_step(optimizer, clip_grad=None, scaler=None):
     """Clip the gradient norm of all the optimizer's parameters to clip_grad (None or 0: no
-    clipping), take the step, zero the gradients."""
+    clipping), take the step, zero the gradients. With a GradScaler (fp16) the gradients are
+    unscaled before clipping, and a step whose gradients overflowed is skipped by the scaler."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if clip_grad:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -236,6 +256,26 @@ def resumed_defaults(path, names, never=("resume", "out_dir", "init", "export", 
         return {}
     stored = {**LEGACY_ARGS, **stored}
     return {k: v for k, v in stored.items() if k in names and k not in never}
+
+
+def resolve_resume(resume, out_dir):
+    """--resume auto: continue from out_dir/checkpoint.pth when it exists (a preempted job
+    relaunched with the same command), else start afresh (None). Any other value is a path."""
+    if resume != "auto":
+        return resume
+    path = os.path.join(out_dir, "checkpoint.pth")
+    if os.path.isfile(path):
+        print0(f"--resume auto: continuing from {path}")
+        return path
+    print0(f"--resume auto: no {path} yet, starting a new run")
+    return None
+
+
+def warmup_from_fraction(args, fraction):
+    """--warmup-epochs not given: the recipe's fraction of --epochs (MAE: 40 of 400, 10%), so a
+    short run keeps the recipe's shape instead of failing on a warmup longer than the run."""
+    if args.warmup_epochs is None:
+        args.warmup_epochs = round(fraction * args.epochs)
 
 
 class JsonlLog:

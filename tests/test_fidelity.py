@@ -139,7 +139,8 @@ def test_mae_lite_d2mae_checkpoint_transfers_with_clipping(tmp_path, monkeypatch
     clips = []
     step = plumbing.optimizer_step
     monkeypatch.setattr(plumbing, "optimizer_step",
-                        lambda opt, clip_grad=None: clips.append(clip_grad) or step(opt, clip_grad))
+                        lambda opt, clip_grad=None, scaler=None:
+                        clips.append(clip_grad) or step(opt, clip_grad, scaler))
     rows = finetune.main(["--init", str(path), "--recipe", "transfer", "--lr", "0.01",
                           "--img-size", "16", "--patch-size", "4", "--synthetic-size", "16",
                           "--max-images", "16", "--batch-size", "8", "--epochs", "1",

@@ -188,19 +188,40 @@ def test_rel_pos_fine_tune_and_eval(tmp_path):
     assert evaluated["top1"] == logged
 
 
-def test_export_loads_into_timm_with_the_same_logits(finetuned, tmp_path):
-    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+def test_export_hub_folder_loads_in_timm_with_the_same_logits(finetuned, tmp_path):
+    """--export DIR writes timm's hub layout; timm builds the model from config.json (12 heads,
+    not its vit_tiny's 3) and loads model.safetensors; nanoMIM reads the folder back too."""
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("safetensors")
     out, _ = finetuned
-    path = str(tmp_path / "timm.pth")
-    finetune.main(["--init", str(out / "best.pth"), "--export", path])
-    ours = torch.load(out / "best.pth")["model"]
-    theirs = timm_vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=192, depth=12,
-                                        num_heads=12, num_classes=10, global_pool="avg")
-    theirs.load_state_dict(torch.load(path), strict=True)
+    folder = tmp_path / "hub"
+    finetune.main(["--init", str(out / "best.pth"), "--export", str(folder)])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_args"]["num_heads"] == 12 and config["num_classes"] == 10
+    weights = dict(file=str(folder / "model.safetensors"), num_classes=10)
+    theirs = timm.create_model(config["architecture"], pretrained=True,
+                               pretrained_cfg_overlay=weights, **config["model_args"])
+    assert theirs.blocks[0].attn.num_heads == 12
     model = ViT(img_size=16, patch_size=4, num_classes=10, global_pool="avg")
-    model.load_state_dict(ours)
+    model.load_state_dict(torch.load(out / "best.pth")["model"])
     imgs = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(theirs.eval()(imgs), model.eval()(imgs), atol=1e-5, rtol=1e-5)
+    expected = model.eval()(imgs)
+    torch.testing.assert_close(theirs.eval()(imgs), expected, atol=1e-5, rtol=1e-5)
+    if hasattr(timm.models, "load_model_config_from_path"):  # timm >= 1.0.16: local-dir:
+        local = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        torch.testing.assert_close(local.eval()(imgs), expected, atol=1e-5, rtol=1e-5)
+    back = finetune.main(["--init", str(folder / "model.safetensors"), "--eval", "--num-workers",
+                          "0", "--synthetic-size", "64"])  # architecture from config.json
+    again = finetune.main(["--init", str(out / "best.pth"), "--eval", "--num-workers", "0",
+                           "--synthetic-size", "64"])
+    assert back["top1"] == again["top1"] and back["val_loss"] == pytest.approx(again["val_loss"])
+
+
+def test_export_to_a_file_path_is_refused(finetuned, tmp_path):
+    out, _ = finetuned
+    (tmp_path / "x.pth").write_text("")
+    with pytest.raises(SystemExit, match="give a folder"):
+        finetune.main(["--init", str(out / "best.pth"), "--export", str(tmp_path / "x.pth")])
 
 
 def test_lars_step_by_hand():
