@@ -6,17 +6,19 @@ labels), leaving those Nones out and counting them into a BadImages, so one corr
 stops a multi-day run (BadImages stops it when too many are bad). `synthetic` needs no files and
 is the default of `python mae.py`.
 """
+import functools
 import gzip
+import io
 import os
 import random
 import struct
 import sys
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
@@ -207,6 +209,15 @@ class FashionMNIST(Dataset):
         return Image.fromarray(self.images[index], mode="L"), int(self.labels[index])
 
 
+def load_rgb(path_or_file):
+    """An image file as an upright RGB PIL image: EXIF orientation applied (cameras store
+    portraits sideways with a tag), as the device loader's decoders do."""
+    from PIL import ImageOps
+
+    with Image.open(path_or_file) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
 def _imagefolder(root, split):
     from torchvision.datasets import ImageFolder
 
@@ -219,7 +230,7 @@ def _imagefolder(root, split):
         else:
             raise DataError(f"{folder} does not exist: {layout}")
     try:
-        return ImageFolder(folder)
+        return ImageFolder(folder, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"no images found in {folder} ({e}): {layout}") from None
 
@@ -416,10 +427,6 @@ class BadImages:
 # skipped and counted.
 
 
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency); say it once.
-warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-
-
 class FileBytes(Dataset):
     """(raw file bytes as a 1-D uint8 tensor, label) for each image of an image folder."""
 
@@ -444,47 +451,83 @@ def collate_bytes(batch):
     return [b for b, _ in good], torch.tensor([label for _, label in good]), len(batch) - len(good)
 
 
-def decode_images(blobs, device):
-    """Decode a batch of encoded images to RGB uint8 (3, H, W) tensors on `device`: all JPEGs in
-    one batched call (nvJPEG on CUDA); if that fails, one by one, other formats through
-    decode_image on the CPU. Returns (images, ok) with None for an undecodable blob."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
+@functools.cache
+def jpeg_backend():
+    """'torchcodec' when TorchCodec is installed (its decode_jpeg: batched, nvJPEG on CUDA, EXIF
+    orientation always applied), else 'torchvision' (its decoders are deprecated since 0.29 in
+    favour of TorchCodec; its CUDA decoder ignores EXIF, which apply_orientation makes up for).
+    --loader device says which it uses."""
     try:
-        images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
-        return images, [True] * len(blobs)
+        from torchcodec.decoders import decode_jpeg  # noqa: F401
+        return "torchcodec"
+    except (ImportError, OSError, RuntimeError):  # absent, or its native libraries fail to load
+        return "torchvision"
+
+
+# PIL's Image.transpose for each EXIF orientation (2..8), as tensor ops on (C, H, W).
+ORIENTATIONS = {2: lambda x: x.flip(-1), 3: lambda x: x.flip(-1).flip(-2),
+                4: lambda x: x.flip(-2), 5: lambda x: x.transpose(-1, -2),
+                6: lambda x: torch.rot90(x, -1, (-2, -1)),
+                7: lambda x: x.transpose(-1, -2).flip(-1).flip(-2),
+                8: lambda x: torch.rot90(x, 1, (-2, -1))}
+
+
+def exif_orientation(blob):
+    """The EXIF orientation tag (1..8, 1 = upright) of an encoded image; reads the header only."""
+    try:
+        return Image.open(io.BytesIO(blob.numpy().tobytes())).getexif().get(0x0112, 1)
+    except Exception:  # no or broken EXIF: decode it as stored
+        return 1
+
+
+def apply_orientation(img, orientation):
+    """(C, H, W) as stored -> upright, as PIL's ImageOps.exif_transpose and TorchCodec do."""
+    return ORIENTATIONS[orientation](img) if orientation in ORIENTATIONS else img
+
+
+def decode_jpegs(blobs, device):
+    """JPEG byte tensors -> upright RGB uint8 (3, H, W) tensors on `device`, in one batched call
+    (nvJPEG on CUDA). Raises RuntimeError if any blob is not a decodable JPEG."""
+    if device.type == "cuda":
+        # nvJPEG's hardware decoder can write its output before kernels already queued on the
+        # stream have finished reading memory the caching allocator has since reused
+        # (pytorch/vision#9606, torchcodec#1634); a host-side wait for them is what avoids it.
+        torch.cuda.current_stream(device).synchronize()
+    if jpeg_backend() == "torchcodec":
+        from torchcodec.decoders import decode_jpeg
+
+        return decode_jpeg(blobs, mode="RGB", device=device)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision applies EXIF orientation on the CPU only; done here alike on every device
+    images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    return [apply_orientation(img, exif_orientation(blob)) for img, blob in zip(images, blobs)]
+
+
+def decode_with_pil(blob):
+    """Any format PIL reads -> upright RGB uint8 (3, H, W) on the CPU, as the pil path loads it."""
+    img = load_rgb(io.BytesIO(blob.numpy().tobytes()))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def decode_images(blobs, device):
+    """Decode a batch of encoded images to upright RGB uint8 (3, H, W) tensors on `device`: all
+    JPEGs in one batched call (decode_jpegs); if that fails, one by one, other formats through
+    PIL. Returns (images, ok) with None for an undecodable blob."""
+    try:
+        return decode_jpegs(blobs, device), [True] * len(blobs)
     except RuntimeError:  # a non-JPEG or a corrupt file somewhere in the batch
         pass
     images = []
     for blob in blobs:
         try:
-            images.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
+            images.append(decode_jpegs([blob], device)[0])
         except RuntimeError:
             try:
-                images.append(decode_image(blob, mode=ImageReadMode.RGB).to(device))
-            except RuntimeError:
+                images.append(decode_with_pil(blob).to(device))
+            except Exception:  # PIL's errors vary by format
                 images.append(None)
     return images, [img is not None for img in images]
-
-
-def crop_box(height, width, scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (top, left, h, w), drawn with torch's RNG as torchvision does:
-    10 tries of a random area fraction and log-uniform aspect ratio, else the centre crop."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w = round((target * aspect) ** 0.5)
-        h = round((target / aspect) ** 0.5)
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, (1,)).item()
-            left = torch.randint(0, width - w + 1, (1,)).item()
-            return top, left, h, w
-    in_ratio = width / height  # fallback: the whole image, clamped to the ratio range
-    w, h = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
-        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def device_augment(images, img_size, min_scale, interpolation="bicubic"):
@@ -494,7 +537,7 @@ def device_augment(images, img_size, min_scale, interpolation="bicubic"):
     Returns (B, 3, S, S) float32."""
     crops = []
     for img in images:
-        top, left, h, w = crop_box(img.shape[1], img.shape[2], (min_scale, 1.0))
+        top, left, h, w = T.RandomResizedCrop.get_params(img, (min_scale, 1.0), (3 / 4, 4 / 3))
         modes = INTERPOLATIONS[interpolation]
         mode = modes[torch.randint(len(modes), ()).item()] if len(modes) > 1 else modes[0]
         crop = img[None, :, top:top + h, left:left + w].float()  # (1, 3, h, w)

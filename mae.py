@@ -679,6 +679,9 @@ def train(args):
                                     min_scale=args.min_crop_scale, rank=rank,
                                     world_size=world_size, num_workers=args.num_workers,
                                     interpolation=args.crop_interpolation)
+        plumbing.print0(f"--loader device: JPEGs decoded by {data.jpeg_backend()}"
+                        + (" (pip install torchcodec: torchvision's decoders are deprecated)"
+                           if data.jpeg_backend() == "torchvision" else ""))
     else:
         dataset = data.build_dataset(args.data, args.data_root, "train",
                                      data.pretrain_transform(

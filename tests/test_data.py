@@ -1,12 +1,13 @@
 """Datasets, transforms, skipping corrupt images, clear errors on missing data."""
 import gzip
+import io
 import os
 import struct
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 
@@ -118,14 +119,48 @@ def test_loader_order_depends_only_on_seed_and_epoch():
     assert not torch.equal(first_batch(2, 0)[1], a[1])
 
 
-def test_crop_box_is_torchvisions_random_resized_crop():
-    import torchvision.transforms as T
-    for seed, (h, w) in enumerate([(375, 500), (500, 333), (10, 200)]):
-        torch.manual_seed(seed)
-        ours = data.crop_box(h, w, (0.2, 1.0))
-        torch.manual_seed(seed)
-        assert ours == T.RandomResizedCrop.get_params(torch.zeros(3, h, w), (0.2, 1.0),
-                                                      (3 / 4, 4 / 3))
+def jpeg_with_orientation(orientation, size=(30, 20)):
+    """A noisy JPEG (stored size w x h) whose EXIF says how to turn it upright."""
+    pixels = np.random.default_rng(orientation).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_as_pils_exif_transpose(orientation):
+    blob = torch.frombuffer(bytearray(jpeg_with_orientation(orientation)), dtype=torch.uint8)
+    assert data.exif_orientation(blob) == orientation
+    stored = np.asarray(Image.open(io.BytesIO(blob.numpy().tobytes())).convert("RGB"))
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(blob.numpy().tobytes())))
+                         .convert("RGB"))
+    ours = data.apply_orientation(torch.from_numpy(stored.copy()).permute(2, 0, 1), orientation)
+    assert torch.equal(ours.permute(1, 2, 0), torch.from_numpy(upright.copy()))
+
+
+@pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
+def test_device_decoding_is_upright_as_the_pil_path(tmp_path, monkeypatch, backend):
+    if backend == "torchcodec":
+        pytest.importorskip("torchcodec.decoders")
+    monkeypatch.setattr(data, "jpeg_backend", lambda: backend)
+    blobs, expected = [], []
+    for orientation in (1, 3, 6, 8):
+        path = tmp_path / f"{orientation}.jpg"
+        path.write_bytes(jpeg_with_orientation(orientation))
+        blobs.append(torch.from_numpy(np.fromfile(path, dtype=np.uint8)))
+        expected.append(torch.from_numpy(np.asarray(data.load_rgb(path)).copy()).permute(2, 0, 1))
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(png, "PNG")
+    blobs.append(torch.frombuffer(bytearray(png.getvalue()), dtype=torch.uint8))
+    expected.append(torch.zeros(3, 5, 7, dtype=torch.uint8))
+    images, ok = data.decode_images(blobs, torch.device("cpu"))  # the PNG: one by one, PIL
+    assert all(ok) and [i.shape for i in images] == [e.shape for e in expected]
+    for ours, theirs in zip(images, expected):
+        assert (ours.int() - theirs.int()).abs().max() <= 1  # libjpeg builds may round apart
+    images, _ = data.decode_images(blobs[:4], torch.device("cpu"))  # all JPEG: one batch
+    assert [i.shape[1:] for i in images] == [(20, 30), (20, 30), (30, 20), (30, 20)]
 
 
 def test_device_loader_matches_the_classic_path(tmp_path, capsys):
