@@ -324,8 +324,15 @@ def get_parser():
     return p
 
 
+RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "batch_size": "[1, inf)",
+          "steps": "[1, inf)", "warmup": "[0, inf)", "repeats": "[1, inf)",
+          "peak_tflops": "(0, inf)", "jpegs": "[0, inf)", "loader_batch": "[1, inf)",
+          "workers": "[0, inf)"}
+
+
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
     device = plumbing.default_device()
     cuda = device.type == "cuda"
     for name, gpu, cpu in (("img_size", 224, 64), ("patch_size", 16, 8), ("batch_size", 256, 16),
@@ -333,6 +340,10 @@ def main(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     args.workers = min(16, os.cpu_count() or 1) if args.workers is None else args.workers
+    plumbing.check_ranges(parser, args, RANGES)
+    if args.img_size % args.patch_size:
+        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
+                     f"{args.patch_size}")
     args.compile = {"off": [False], "on": [True], "both": [False, True]}[
         args.compile or ("both" if cuda else "off")]
     args.precision = ["fp32", "bf16"] if args.precision == "both" else [args.precision]

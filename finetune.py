@@ -510,8 +510,24 @@ def init_source_args(path):
     return found
 
 
+# The range of every numeric flag (plumbing.check_ranges); the rules between flags follow.
+RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "batch_size": "[1, inf)",
+          "accum_iter": "[1, inf)", "epochs": "[1, inf)", "log_every": "[1, inf)",
+          "synthetic_size": "[1, inf)", "max_images": "[1, inf)", "labels_per_class": "[1, inf)",
+          "num_workers": "[0, inf)", "save_every": "[0, inf)", "eval_every": "[0, inf)",
+          "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+          "layer_decay": "(0, 1]", "clip_grad": "[0, inf)", "drop_path": "[0, 1)",
+          "head_init_std": "[0, inf)", "min_crop_scale": "(0, 1]", "rand_aug": "[0, 10]",
+          "rand_aug_std": "[0, inf)", "color_jitter": "[0, inf)", "mixup": "[0, inf)",
+          "cutmix": "[0, inf)", "smoothing": "[0, 1)", "reprob": "[0, 1]", "seed": "[0, inf)",
+          "subset_seed": "[0, inf)"}
+
+
 def validate(args, parser):
-    """The rules that tie flags together, with a message that names the fix."""
+    """Each flag's range (RANGES), then the rules that tie flags together, with a message that
+    names the fix."""
+    plumbing.check_ranges(parser, args, RANGES)
+    plumbing.check_out_dir(parser, args.out_dir)
     hiera = args.model in HIERA_CONFIGS
     if hiera and (args.rel_pos or args.global_pool == "token"):
         parser.error("Hiera mean-pools its tokens and has no relative position bias: drop "
@@ -532,21 +548,9 @@ def validate(args, parser):
     if not hiera and args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
                      f"{args.patch_size}")
-    for name in ("batch_size", "accum_iter", "epochs", "log_every", "synthetic_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.warmup_epochs <= args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
                      f"{args.epochs}")
-    if not 0 < args.layer_decay <= 1:
-        parser.error(f"--layer-decay {args.layer_decay} must be in (0, 1]")
-    if args.clip_grad is not None and args.clip_grad < 0:
-        parser.error(f"--clip-grad {args.clip_grad} must be at least 0 (0: no clipping)")
-    if args.eval_every < 0:
-        parser.error(f"--eval-every {args.eval_every} must be at least 0 (0: after the last epoch)")
-    for name in ("labels_per_class", "max_images"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
 

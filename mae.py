@@ -495,9 +495,22 @@ def parse_args(argv=None):
     return args
 
 
+# The range of every numeric flag (plumbing.check_ranges); the rules between flags follow.
+RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "decoder_dim": "[1, inf)",
+          "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "batch_size": "[1, inf)",
+          "accum_iter": "[1, inf)", "epochs": "[1, inf)", "save_every": "[1, inf)",
+          "log_every": "[1, inf)", "synthetic_size": "[1, inf)", "max_images": "[1, inf)",
+          "num_workers": "[0, inf)", "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+          "weight_decay": "[0, inf)", "clip_grad": "[0, inf)", "min_crop_scale": "(0, 1]",
+          "student_drop_path": "[0, 1)", "student_color_jitter": "[0, inf)",
+          "distill_weight": "(0, inf)", "seed": "[0, inf)"}
+
+
 def validate(args, parser):
-    """The rules that tie flags together, with a message that names the fix (single values are
-    checked by the constructors that use them)."""
+    """Each flag's range (RANGES), then the rules that tie flags together, with a message that
+    names the fix."""
+    plumbing.check_ranges(parser, args, RANGES)
+    plumbing.check_out_dir(parser, args.out_dir)
     hiera = args.model in HIERA_CONFIGS
     depth = model_depth(args.model)
     if hiera and args.recon_layer is not None:
@@ -533,18 +546,6 @@ def validate(args, parser):
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         parser.error(f"--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads "
                      f"{args.decoder_heads} and by 4 (sin-cos position embedding)")
-    for name in ("batch_size", "accum_iter", "epochs", "decoder_depth", "decoder_heads",
-                 "save_every", "log_every", "synthetic_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < args.min_crop_scale <= 1:
-        parser.error(f"--min-crop-scale {args.min_crop_scale} must be in (0, 1]")
-    if not 0 <= args.student_drop_path < 1:
-        parser.error(f"--student-drop-path {args.student_drop_path} must be in [0, 1)")
-    if args.student_color_jitter < 0:
-        parser.error(f"--student-color-jitter {args.student_color_jitter} must be at least 0")
-    if args.clip_grad is not None and args.clip_grad < 0:
-        parser.error(f"--clip-grad {args.clip_grad} must be at least 0 (0: no clipping)")
     if args.student_color_jitter > 0 and args.teacher is None:
         parser.error("--student-color-jitter jitters the student's view apart from the "
                      "teacher's (TinyMIM): it needs --teacher")
@@ -555,8 +556,8 @@ def validate(args, parser):
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
     if args.loader == "device" and args.data != "imagefolder":
         parser.error("--loader device reads image files: use it with --data imagefolder")
-    if args.max_images is not None and (args.max_images < 1 or args.loader == "device"):
-        parser.error("--max-images must be at least 1 and works with --loader pil")
+    if args.max_images is not None and args.loader == "device":
+        parser.error("--max-images works with --loader pil")
     if args.loader == "device" and args.student_color_jitter > 0:
         parser.error("--student-color-jitter needs --loader pil (the device loader makes one "
                      "view per image)")

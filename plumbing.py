@@ -126,6 +126,30 @@ def seed_everything(seed, epoch=0, rank=0):
     random.seed(value)
 
 
+def check_ranges(parser, args, ranges):
+    """Stop with parser.error (one line, exit 2) on the first flag outside its range. ranges maps
+    an args name to an interval written as in mathematics, "[0, 1)", "(0, inf)"; None passes (not
+    given), a list is checked value by value, nan and inf never pass."""
+    for name, interval in ranges.items():
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            inside = (low < v or (interval[0] == "[" and v == low)) and \
+                     (v < high or (interval[-1] == "]" and v == high))
+            if not (math.isfinite(v) and inside):
+                rule = (f"in {interval}" if high != math.inf else
+                        f"at least {low:g}" if interval[0] == "[" else f"greater than {low:g}")
+                parser.error(f"--{name.replace('_', '-')} {v} must be {rule}")
+
+
+def check_out_dir(parser, path, flag="--out-dir"):
+    """An output folder that is an existing file stops at once, not at the first save."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{flag} {path} is a file: give a folder (it will be created if missing)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimisation
 
