@@ -1,0 +1,131 @@
+"""Bad input, as a new user types it: every invocation below must stop with one line that names
+the fix (argparse's `prog: error: ...` or our `error: ...`), a non-zero exit and no traceback.
+The four scripts are driven in-process through main(argv)."""
+import pytest
+import torch
+
+import analyze
+import bench
+import finetune
+import mae
+from model import ViT, build_model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Files a user might point the scripts at by mistake."""
+    root = tmp_path_factory.mktemp("bad")
+    paths = {"missing": str(root / "nope.pth"), "file": str(root / "a_file"),
+             "text": str(root / "notes.pth"), "empty": str(root / "empty.pth"),
+             "empty_dir": str(root / "empty_dir"), "nan_teacher": str(root / "nan.pth"),
+             "wide": str(root / "wide.pth"), "truncated": str(root / "truncated.pth")}
+    (root / "a_file").write_text("x")
+    (root / "notes.pth").write_text("my notes\n")
+    (root / "empty.pth").write_bytes(b"")
+    (root / "empty_dir").mkdir()
+    teacher = build_model("vit_tiny", img_size=32, patch_size=4)
+    state = teacher.state_dict()
+    state["blocks.3.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save({"model": state}, paths["nan_teacher"])
+    torch.save({"model": ViT(img_size=32, patch_size=4, embed_dim=48, depth=12,
+                             num_heads=12).state_dict()}, paths["wide"])
+    good = root / "good.pth"
+    torch.save({"model": teacher.state_dict()}, good)
+    (root / "truncated.pth").write_bytes(good.read_bytes()[:5000])
+    return paths
+
+
+CASES = [
+    # mae.py: flags out of range (the fuzz found tracebacks or silent acceptance for several)
+    (mae, ["--patch-size", "0"], "--patch-size 0 must be at least 1"),
+    (mae, ["--img-size", "0"], "--img-size 0 must be at least 1"),
+    (mae, ["--blr", "-1"], "--blr -1.0 must be greater than 0"),
+    (mae, ["--lr", "nan"], "--lr nan must be greater than 0"),
+    (mae, ["--min-lr", "inf"], "--min-lr inf"),
+    (mae, ["--num-workers", "-1"], "--num-workers -1 must be at least 0"),
+    (mae, ["--weight-decay", "-0.1"], "--weight-decay"),
+    (mae, ["--clip-grad", "-1"], "--clip-grad"),
+    (mae, ["--mask-ratio", "1"], "--mask-ratio 1.0 must be in [0, 1)"),
+    (mae, ["--mask-ratio", "-0.1"], "--mask-ratio"),
+    (mae, ["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (mae, ["--epochs", "2", "--warmup-epochs", "5"], "--warmup-epochs 5 must be within 0..--epochs"),
+    (mae, ["--decoder-dim", "50"], "divisible by --decoder-heads"),
+    (mae, ["--recon-layer", "13"], "beyond vit_tiny's 12 blocks"),
+    (mae, ["--student-drop-path", "1"], "--student-drop-path 1.0 must be in [0, 1)"),
+    (mae, ["--max-images", "0"], "--max-images 0 must be at least 1"),
+    (mae, ["--distill-layer", "3"], "need a --teacher"),
+    (mae, ["--img-size", "30"], "not a multiple of --patch-size"),
+    (mae, ["--batch-size", "abc"], "invalid int value"),
+    (mae, ["--model", "vit_huge"], "invalid choice"),
+    (mae, ["--data", "imagefolder"], "needs --data-root"),
+    (mae, ["--data", "imagefolder", "--data-root", "{missing}"], "is not a folder"),
+    (mae, ["--data", "imagefolder", "--data-root", "{empty_dir}"], "no images found"),
+    (mae, ["--out-dir", "{file}"], "is a file: give a folder"),
+    (mae, ["--init", "{missing}"], "does not exist"),
+    (mae, ["--init", "{text}"], "damaged or not a PyTorch checkpoint"),
+    (mae, ["--init", "{empty}"], "damaged or not a PyTorch checkpoint"),
+    (mae, ["--init", "{truncated}"], "damaged or not a PyTorch checkpoint"),
+    (mae, ["--init", "{wide}"], "another width"),
+    (mae, ["--init", "{text}", "--resume", "{text}"], "give one of them"),
+    (mae, ["--resume", "{text}"], "cannot read"),
+    (mae, ["--resume", "{missing}"], "does not exist"),
+    (mae, ["--teacher", "{missing}"], "does not exist"),
+    (mae, ["--teacher", "{nan_teacher}", "--teacher-model", "vit_tiny"], "NaN or inf"),
+    # finetune.py
+    (finetune, ["--mixup", "-1"], "--mixup -1.0 must be at least 0"),
+    (finetune, ["--drop-path", "2"], "--drop-path 2.0 must be in [0, 1)"),
+    (finetune, ["--smoothing", "1.5"], "--smoothing 1.5 must be in [0, 1)"),
+    (finetune, ["--reprob", "2"], "--reprob 2.0 must be in [0, 1]"),
+    (finetune, ["--max-images", "0"], "--max-images 0 must be at least 1"),
+    (finetune, ["--blr", "-1"], "--blr -1.0 must be greater than 0"),
+    (finetune, ["--lr", "nan"], "--lr nan must be greater than 0"),
+    (finetune, ["--lr", "0.01,-1"], "--lr -1.0"),
+    (finetune, ["--layer-decay", "0"], "--layer-decay 0.0 must be in (0, 1]"),
+    (finetune, ["--rand-aug", "11"], "--rand-aug 11.0 must be in [0, 10]"),
+    (finetune, ["--labels-per-class", "0"], "--labels-per-class 0 must be at least 1"),
+    (finetune, ["--num-workers", "-1"], "--num-workers -1 must be at least 0"),
+    (finetune, ["--eval"], "need --init"),
+    (finetune, ["--init", "{missing}", "--eval"], "does not exist"),
+    (finetune, ["--init", "{text}", "--eval"], "damaged or not a PyTorch checkpoint"),
+    (finetune, ["--init", "{wide}"], "another width"),
+    (finetune, ["--init", "{wide}", "--keep-blocks", "13"], "--keep-blocks 13 must be within"),
+    (finetune, ["--out-dir", "{file}"], "is a file: give a folder"),
+    (finetune, ["--resume", "{text}"], "cannot read"),
+    # bench.py
+    (bench, ["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (bench, ["--steps", "0"], "--steps 0 must be at least 1"),
+    (bench, ["--img-size", "30", "--patch-size", "8"], "not a multiple of --patch-size"),
+    (bench, ["--benches", "nope"], "unknown bench"),
+    # analyze.py
+    (analyze, ["cka", "--a", "{missing}"], "does not exist"),
+    (analyze, ["cka", "--a", "{text}"], "damaged or not a PyTorch checkpoint"),
+    (analyze, ["attn", "--ckpt", "{wide}", "--img-size", "32", "--patch-size", "4"],
+     "another width"),
+    (analyze, ["cka", "--a", "{missing}", "--num-images", "2"], "--num-images"),
+]
+
+
+@pytest.mark.parametrize("script, argv, expected", CASES,
+                         ids=[f"{s.__name__}:{' '.join(a)}" for s, a, _ in CASES])
+def test_bad_input_stops_with_one_line_naming_the_fix(script, argv, expected, files, tmp_path,
+                                                      capsys):
+    argv = [a.format(**files) for a in argv]
+    if script in (mae, finetune) and "--out-dir" not in argv:
+        argv += ["--out-dir", str(tmp_path / "out")]
+    if script in (mae, finetune):
+        argv += ["--num-workers", "0"] if "--num-workers" not in argv else []
+    if script is analyze:
+        argv += ["--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stopped:
+        script.main(argv)
+    out = capsys.readouterr()
+    assert stopped.value.code not in (0, None)
+    message = stopped.value.code if isinstance(stopped.value.code, str) else \
+        out.err.strip().splitlines()[-1]
+    assert "Traceback" not in out.out + out.err
+    assert "\n" not in message and "error" in message
+    assert expected in message, message
+
+
+def test_there_are_at_least_40_cases():
+    assert len(CASES) >= 40 and {s for s, _, _ in CASES} == {mae, finetune, bench, analyze}
