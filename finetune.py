@@ -777,6 +777,12 @@ def train(args):
             if is_best:
                 plumbing.save_checkpoint({k: v for k, v in state.items()
                                           if k not in ("optimizer", "scaler")}, best_path)
+    if is_main:
+        import analyze  # its PIL figures
+
+        analyze.write_curves([os.path.join(args.out_dir, "log.jsonl")],
+                             os.path.join(args.out_dir, "curves.png"))
+        plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
     return dict(result, best_top1=best["top1"])
 
 

@@ -99,7 +99,7 @@ class MAE(ViT):
         init_mae_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks,
                                         self.decoder_norm, self.decoder_pred]))
         nn.init.normal_(self.mask_token, std=0.02)
-        # what reconstruction_grid needs: predicted patches and the masking noise per image
+        # what analyze.reconstruction_figure needs: predicted patches and the masking noise per image
         self.recon_patch = patch_size
         self.recon_grid = self.grid
         self.mask_slots = num_patches
@@ -274,39 +274,6 @@ DECODER_PREFIXES = ("decoder_", "mask_token", "multi_scale_fusion", "encoder_nor
 def encoder_state_dict(model):
     """The backbone alone (what fine-tuning and timm load): every key but the decoder's."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith(DECODER_PREFIXES)}
-
-
-@torch.no_grad()
-def reconstruction_grid(model, imgs, mask_ratio, path, seed=0):
-    """Save a PNG: originals / masked inputs / reconstructions (visible patches pasted back), one
-    column per image. With norm-pix loss the model predicts each patch normalised by its own
-    mean and std, so the reconstruction is drawn with the true patch's statistics."""
-    from PIL import Image
-
-    model.eval()
-    noise = torch.rand(imgs.shape[0], model.mask_slots,
-                       generator=torch.Generator().manual_seed(seed)).to(imgs.device)
-    out = model(imgs, mask_ratio, noise)
-    pred = out["pred"].float()
-    mask = out["mask"]
-    if model.norm_pix_loss:
-        target = patchify(imgs, model.recon_patch)
-        mean = target.mean(-1, keepdim=True)
-        var = target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
-    p = model.recon_patch
-    grid = model.recon_grid
-    pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)  # 1 = removed
-    recon = unpatchify(pred, p, grid)
-    rows = [imgs, imgs * (1 - pixel_mask), imgs * (1 - pixel_mask) + recon * pixel_mask]
-    rows = [data.denormalize(r) for r in rows]  # each (B, 3, H, W) in [0, 1]
-    grid_img = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 3H, B*W)
-    array = (grid_img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    image = Image.fromarray(array)
-    scale = max(1, 96 // imgs.shape[-1])  # small demo images are enlarged to be seen
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    image.save(path)
-    model.train()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,7 +560,24 @@ def sample_images(args, count):
                                      data.eval_transform(args.img_size), False,
                                      args.synthetic_size, args.img_size)
     samples = (dataset[i] for i in range(min(count, len(dataset))))
-    return torch.stack([s[0] for s in samples if s is not None])
+    imgs = [s[0] for s in samples if s is not None]
+    return torch.stack(imgs) if imgs else torch.empty(0)
+
+
+def write_figures(args, student, device):
+    """The run's pictures (analyze.py draws them): curves.png of log.jsonl, and
+    reconstruction.png of 8 validation images when the decoder was trained."""
+    import analyze
+
+    analyze.write_curves([os.path.join(args.out_dir, "log.jsonl")],
+                         os.path.join(args.out_dir, "curves.png"))
+    written = ["curves.png"]
+    imgs = sample_images(args, 8)
+    if student.recon_layer and len(imgs):  # no reconstruction when no decoder was trained
+        analyze.reconstruction_figure(student, imgs.to(device), args.mask_ratio,
+                                      os.path.join(args.out_dir, "reconstruction.png"))
+        written.append("reconstruction.png")
+    plumbing.print0(f"wrote {' and '.join(written)} in {args.out_dir}")
 
 
 ARCH_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", "decoder_heads",
@@ -787,10 +771,8 @@ def train(args):
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, "
                             f"skipped images {bad_images.skipped}, saved {last_path}")
 
-    if is_main and student.recon_layer:  # no figure when the decoder was not trained
-        png = os.path.join(args.out_dir, "reconstruction.png")
-        reconstruction_grid(student, sample_images(args, 8).to(device), args.mask_ratio, png)
-        plumbing.print0(f"wrote {png}")
+    if is_main:
+        write_figures(args, student, device)
     plumbing.cleanup_distributed()
 
 

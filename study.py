@@ -37,12 +37,12 @@ import sys
 import time
 
 import torch
-from PIL import Image, ImageDraw
 
 import analyze
 import data
 import finetune
 import mae
+from analyze import draw_curves  # the PIL line plot, shared with analyze.py curves
 
 # Each preset is fixed before it runs. Throughputs (images/s) only feed the expected times.
 # Pre-training and linear probing use the papers' absolute lr (MAE: blr 1.5e-4 at batch 4096;
@@ -316,34 +316,6 @@ def check_claims(results, p, students):
 
 # ----------------------------------------------------------------------------------------------
 # Outputs
-
-
-def draw_curves(series, title, path, width=520, height=300):
-    """A line plot with PIL: series = {label: [(x, y), ...]}."""
-    from analyze import PALETTE
-
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 50, 30, width - 150, height - 30
-    points = [pt for pts in series.values() for pt in pts]
-    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
-    y0, y1 = min(y for _, y in points), max(y for _, y in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, 8), title, fill="black")
-    draw.text((4, top), f"{y1:.3g}", fill="black")
-    draw.text((4, bottom - 10), f"{y0:.3g}", fill="black")
-    draw.text((left, bottom + 8), f"{x0:g}", fill="black")
-    draw.text((right - 30, bottom + 8), f"{x1:g}", fill="black")
-    for i, (label, pts) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        xy = [(left + (x - x0) / (x1 - x0) * (right - left),
-               bottom - (y - y0) / (y1 - y0) * (bottom - top)) for x, y in pts]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        draw.rectangle([right + 10, top + 16 * i, right + 20, top + 16 * i + 10], fill=color)
-        draw.text((right + 26, top + 16 * i), label, fill="black")
-    img.save(path)
 
 
 def write_outputs(results, p, preset, root, total_seconds):

@@ -139,6 +139,7 @@ def finetuned(tmp_path_factory):
 
 def test_eval_reproduces_the_logged_accuracy(finetuned):
     out, result = finetuned
+    assert (out / "curves.png").stat().st_size > 0  # written at the end of every run
     epochs = [r for r in read_log(out / "log.jsonl") if "top1" in r]
     assert len(epochs) == 2 and epochs[-1]["best_top1"] == result["best_top1"]
     best = max(epochs, key=lambda r: r["top1"])

@@ -116,8 +116,8 @@ def read_log(path):
 def test_end_to_end_outputs_and_exported_encoder(tmp_path):
     out = tmp_path / "run"
     mae.main(RUN + ["--epochs", "2", "--out-dir", str(out)])
-    assert {"checkpoint.pth", "checkpoint-2.pth", "log.jsonl", "reconstruction.png"} <= set(
-        os.listdir(out))
+    assert {"checkpoint.pth", "checkpoint-2.pth", "log.jsonl", "reconstruction.png",
+            "curves.png"} <= set(os.listdir(out))
     log = read_log(out / "log.jsonl")
     assert len(log) == 8 and all(r["skipped_images"] == 0 for r in log)
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)  # a plain dict
