@@ -95,7 +95,9 @@ class MinibatchCKA:
     def compute(self):
         """(layers_a, layers_b) CKA matrix (the batch count cancels out of the means)."""
         if self.batches == 0:
-            raise ValueError("no batch of at least 4 images was seen")
+            raise ValueError("no batch of at least 4 readable images was seen: give "
+                             "--batch-size 4 or more, and check the warnings above for "
+                             "unreadable images")
         return self.cross / torch.sqrt(self.self_a[:, None] * self.self_b[None, :])
 
 
@@ -661,6 +663,8 @@ def read_log(path):
             raise LogError(f"{path} line {number} is not a JSON object: is it the log.jsonl of a "
                            "mae.py or finetune.py run?")
         records.append(record)
+    if not records:
+        raise LogError(f"{path} holds no records: give the log.jsonl of a run that made a step")
     return records
 
 
@@ -719,7 +723,8 @@ def write_curves(log_paths, png_path, labels=None):
 # Command line
 
 
-def load_model(path, model_name, img_size, patch_size, seed=0, trust=False, checkpoint=None):
+def load_model(path, model_name, img_size, patch_size, seed=0, trust=False, checkpoint=None,
+               flag="--model"):
     """A ViT for analysis from any supported checkpoint (ours, FAIR MAE, MAE-Lite, timm), or a
     randomly initialised one when path is None. The pooling (final norm or fc_norm) follows the
     file, so the last layer is normalised by trained weights. trust: unpickle the file in full
@@ -739,7 +744,7 @@ def load_model(path, model_name, img_size, patch_size, seed=0, trust=False, chec
         vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool)
     if state is not None:
         try:
-            report = load_pretrained(vit, state, verbose=False, heads=heads)
+            report = load_pretrained(vit, state, verbose=False, heads=heads, flag=flag)
         except CheckpointError as e:  # name the file, not "the state dict"
             raise CheckpointError(f"{path}: {e}") from None
         plumbing.print0(f"{path}: {len(report['loaded'])} tensors loaded into {model_name}")
@@ -760,14 +765,15 @@ def analysis_loader(args):
 def run_cka(args, device):
     name_a = args.names[0] if args.names else os.path.basename(args.a)
     model_a = load_model(args.a, args.model_a, args.img_size, args.patch_size,
-                         trust=args.trust_checkpoint).to(device)
+                         trust=args.trust_checkpoint, flag="--model-a").to(device)
     if args.random_init:
         name_b = args.names[1] if args.names and len(args.names) > 1 else f"random {args.random_init}"
         model_b = load_model(None, args.random_init, args.img_size, args.patch_size).to(device)
     elif args.b:
         name_b = args.names[1] if args.names and len(args.names) > 1 else os.path.basename(args.b)
         model_b = load_model(args.b, args.model_b or args.model_a, args.img_size,
-                             args.patch_size, trust=args.trust_checkpoint).to(device)
+                             args.patch_size, trust=args.trust_checkpoint,
+                             flag="--model-b").to(device)
     else:
         name_b = name_a
         model_b = model_a
@@ -941,6 +947,8 @@ def run_curves(args):
 
 
 def get_parser():
+    from data import DATASETS
+
     p = argparse.ArgumentParser(description="CKA and attention analyses, and viewers of a run "
                                             "(nanoMIM).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -950,7 +958,8 @@ def get_parser():
                        help="unpickle checkpoint files in full (code in them can run); needed "
                             "only for files holding Python objects besides tensors")
     common = argparse.ArgumentParser(add_help=False, parents=[trust])
-    common.add_argument("--data", default="synthetic", help="dataset (data.py names); val split")
+    common.add_argument("--data", default="synthetic", choices=DATASETS,
+                        help="dataset; its val split")
     common.add_argument("--data-root", default=None, help="dataset folder")
     common.add_argument("--num-images", type=int, default=1024, help="images analysed")
     common.add_argument("--batch-size", type=int, default=64, help="images per batch")
@@ -986,7 +995,7 @@ def get_parser():
     viewer.add_argument("--images", nargs="+", default=None, metavar="FILE",
                         help="image files to show, any size (resized and centre-cropped as for "
                              "evaluation); none given: --data's validation images")
-    viewer.add_argument("--data", default="synthetic", help="dataset (data.py names)")
+    viewer.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset")
     viewer.add_argument("--data-root", default=None, help="dataset folder")
     viewer.add_argument("--img-size", type=int, default=None,
                         help="input size in pixels (none given: the run's, else the size the "
@@ -1024,15 +1033,34 @@ def get_parser():
     return p
 
 
+# The range of every numeric flag, per subcommand (plumbing.check_ranges). CKA's unbiased HSIC
+# needs at least 4 images in a batch.
+SIZES = {"img_size": "[1, inf)", "patch_size": "[1, inf)"}
+RANGES = {"cka": dict(SIZES, num_images="[4, inf)", batch_size="[4, inf)"),
+          "attn": dict(SIZES, num_images="[4, inf)", batch_size="[1, inf)"),
+          "recon": dict(SIZES, num_images="[1, inf)", seed="[0, 4294967295]",
+                        decoder_heads="[1, inf)"),
+          "attnmap": dict(SIZES, num_images="[1, inf)", block="[1, inf)"),
+          "curves": {}}
+
+
 def main(argv=None):
     from data import DataError
     from model import CheckpointError
 
-    args = get_parser().parse_args(argv)
-    if args.command in ("cka", "attn") and (args.num_images < 4 or args.batch_size < 1):
-        sys.exit("error: --num-images must be at least 4 and --batch-size at least 1")
-    if args.command in ("recon", "attnmap") and args.num_images < 1:
-        sys.exit("error: --num-images must be at least 1")
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    plumbing.check_ranges(parser, args, {k: v for k, v in RANGES[args.command].items()
+                                         if hasattr(args, k)})
+    if args.command == "curves":
+        if not args.out.endswith(".png"):
+            parser.error(f"--out {args.out} must name a .png file")
+        if args.labels is not None and len(args.labels) != len(args.logs):
+            parser.error(f"--labels gives {len(args.labels)} labels for {len(args.logs)} logs")
+    else:
+        plumbing.check_out_dir(parser, args.out_dir)
+    if args.command == "cka" and args.names is not None and len(args.names) > 2:
+        parser.error(f"--names takes the names of A and B, not {len(args.names)}")
     try:
         if args.command == "curves":
             run_curves(args)

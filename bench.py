@@ -349,6 +349,12 @@ def main(argv=None):
     args.precision = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     args.benches = [b for b in args.benches.split(",") if b]
     unknown = [b for b in args.benches if b not in BENCHES]
+    if not args.benches:
+        parser.error(f"--benches names no bench: give a comma list of {', '.join(BENCHES)}")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a folder: give the JSON file to write")
+    if args.out and os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if unknown:
         raise SystemExit(f"error: unknown bench {', '.join(unknown)}; choose from "
                          f"{', '.join(BENCHES)}")

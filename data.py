@@ -419,6 +419,14 @@ class BadImages:
         return {"skipped_images": self.skipped, "seen_images": self.seen}
 
 
+def check_epoch_read(steps, epoch, bad_images):
+    """An epoch that made no step had no readable batch: stop rather than train on nothing."""
+    if steps == 0:
+        raise DataError(f"epoch {epoch + 1} made no step: no batch held a readable image "
+                        f"({bad_images.skipped} of the {bad_images.seen} images seen were not); "
+                        "see the warnings above and check the files under --data-root")
+
+
 # ----------------------------------------------------------------------------------------------
 # The device loader: workers only read file bytes; JPEGs are decoded in batches (nvJPEG on a
 # GPU) and RandomResizedCrop, flip and normalisation run on the device. The same kind of output

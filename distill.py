@@ -48,16 +48,22 @@ def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2, trust=
         teacher = build_model(model_name, img_size=img_size, num_classes=0, q_pool=q_pool)
     else:
         teacher = build_model(model_name, img_size=img_size, patch_size=patch_size)
-    report = load_pretrained(teacher, path, verbose=False, trust=trust)
+    report = load_pretrained(teacher, path, verbose=False, trust=trust,
+                             flag="--teacher-model")
     if isinstance(teacher, Hiera):
         report["initialised"] = [k for k in report["initialised"] if not k.startswith("norm.")]
     if report["initialised"]:  # e.g. no final norm: the teacher would be partly random
         raise DistillError(f"teacher {path} lacks {', '.join(report['initialised'])} of "
                            f"{model_name}; pass the teacher's full encoder checkpoint")
+    teacher.requires_grad_(False)
+    with torch.no_grad():  # finite weights can still overflow float32 (a damaged file)
+        probe = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        if not teacher.eval().forward_features(probe)[0].isfinite().all():
+            raise DistillError(f"teacher {path} gives NaN or inf features on a random image: its "
+                               "weights are damaged; use another checkpoint of the teacher")
     print(f"teacher {model_name} from {path}: {len(report['loaded'])} tensors loaded, "
           f"{len(report['dropped'])} pre-training-only tensors dropped")
-    teacher.requires_grad_(False)
-    return teacher.eval()
+    return teacher
 
 
 def default_teacher_layer(student_layer, student_depth, teacher_depth, target="attn",

@@ -6,7 +6,7 @@
         --lr 0.01,0.03,0.1                                          # one run per lr, a table
     python finetune.py --init ckpt.pth --recipe linprobe ...        # frozen backbone
     python finetune.py --init out/ft/best.pth --eval                # evaluate only
-    python finetune.py --init out/ft/best.pth --export vit_tiny_timm.pth   # plain state dict
+    python finetune.py --init out/ft/best.pth --export out/vit_tiny_ft   # timm's hub layout
 
 --init takes our pre-training or fine-tuning checkpoints, FAIR MAE, MAE-Lite and timm files (the
 loader in model.py reports what it loaded, dropped and initialised), or nothing (from scratch).
@@ -245,9 +245,16 @@ def build_mixing(args, num_classes):
     return (v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0]) if mixers else None
 
 
+def class_names(dataset):
+    """The class names of an image folder under any Subsets, else None."""
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset.raw, "classes", None)
+
+
 def num_classes_of(args, dataset):
-    raw = getattr(dataset, "dataset", dataset).raw  # under a Subset or not
-    return len(raw.classes) if hasattr(raw, "classes") and args.data == "imagefolder" \
+    classes = class_names(dataset)
+    return len(classes) if classes is not None and args.data == "imagefolder" \
         else data.NUM_CLASSES[args.data]
 
 
@@ -268,6 +275,9 @@ def evaluate(model, loader, device, precision):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     loss, top1, top5, n = sums.tolist()
+    if n == 0:
+        raise data.DataError("no validation image could be read (see the warnings above): check "
+                             "the val split under --data-root")
     return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1),
             "val_loss": loss / max(n, 1), "images": int(n)}
 
@@ -470,6 +480,7 @@ def parse_args(argv=None):
         if recipe != "linprobe":
             parser.set_defaults(head_init_std=None)
     if given.resume:  # last, so that a resumed run keeps every value it had
+        plumbing.check_resume_script(parser, given.resume, "finetune.py")
         resumed = plumbing.resumed_defaults(given.resume, vars(given))
         if isinstance(resumed.get("lr"), float):  # written before --lr was parsed as a list
             resumed["lr"] = [resumed["lr"]]
@@ -519,8 +530,8 @@ RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "batch_size": "[1, i
           "layer_decay": "(0, 1]", "clip_grad": "[0, inf)", "drop_path": "[0, 1)",
           "head_init_std": "[0, inf)", "min_crop_scale": "(0, 1]", "rand_aug": "[0, 10]",
           "rand_aug_std": "[0, inf)", "color_jitter": "[0, inf)", "mixup": "[0, inf)",
-          "cutmix": "[0, inf)", "smoothing": "[0, 1)", "reprob": "[0, 1]", "seed": "[0, inf)",
-          "subset_seed": "[0, inf)"}
+          "cutmix": "[0, inf)", "smoothing": "[0, 1)", "reprob": "[0, 1]",
+          "seed": "[0, 4294967295]", "subset_seed": "[0, 4294967295]"}
 
 
 def validate(args, parser):
@@ -596,9 +607,10 @@ def export(args):
     except ImportError:
         raise CheckpointError("--export writes model.safetensors, which needs the safetensors "
                               "package: pip install safetensors") from None
-    if os.path.exists(args.export) and not os.path.isdir(args.export):
-        raise CheckpointError(f"--export {args.export} is a file: give a folder (it will hold "
-                              "model.safetensors and config.json)")
+    if (os.path.exists(args.export) and not os.path.isdir(args.export)) or \
+            args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        raise CheckpointError(f"--export {args.export} names a file: give a folder (it will "
+                              "hold model.safetensors and config.json)")
     model = prepare_model(args, checkpoint_num_classes(args.init, args.trust_checkpoint),
                           torch.device("cpu"))
     if args.rel_pos or args.recipe == "linprobe":
@@ -641,7 +653,8 @@ def checkpoint_num_classes(path, trust=False):
     head = {k: v for k, v in read_state_dict(path, trust).items()
             if k in ("head.weight", "head.1.weight", "head.projection.weight")}
     if not head:
-        raise CheckpointError(f"{path} has no classifier head: export a fine-tuned checkpoint")
+        raise CheckpointError(f"{path} has no classifier head (a pre-training checkpoint?): "
+                              "--eval and --export need a fine-tuned one; fine-tune it first")
     return next(iter(head.values())).shape[0]
 
 
@@ -663,6 +676,11 @@ def train(args):
                                   world_size=world_size, num_workers=args.num_workers,
                                   shuffle=False, drop_last=False, pin_memory=device.type == "cuda")
     if args.eval:
+        head = checkpoint_num_classes(args.init, args.trust_checkpoint)
+        if head != num_classes:
+            raise CheckpointError(f"{args.init}'s head has {head} classes but --data {args.data} "
+                                  f"has {num_classes}: evaluate it on the data it was fine-tuned "
+                                  "on")
         result = evaluate(compiled, val_loader, device, precision)
         plumbing.print0(f"{args.init}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%"
                         f" on {result['images']} {args.data} validation images")
@@ -673,6 +691,11 @@ def train(args):
     log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
     train_set = data.build_dataset(args.data, args.data_root, "train", train_transform(args),
                                    args.download, args.synthetic_size, args.img_size)
+    if class_names(train_set) != class_names(val_set):
+        raise data.DataError(f"the train and val folders under {args.data_root} hold different "
+                             f"classes ({len(class_names(train_set))} vs "
+                             f"{len(class_names(val_set))}): give both splits the same class "
+                             "folders")
     if args.labels_per_class is not None:  # the data-insufficient regime: a few labels a class
         train_set = data.per_class_subset(train_set, args.labels_per_class, args.subset_seed)
     train_set = data.evenly_spaced(train_set, args.max_images)
@@ -682,6 +705,7 @@ def train(args):
                              "--batch-size or --accum-iter")
     eff_batch = args.batch_size * args.accum_iter * world_size
     lr = args.lr[0] if args.lr else args.blr * eff_batch / 256  # one run: one lr
+    plumbing.check_min_lr(args.min_lr, lr)
     optimizer = build_optimizer(args, module, lr, device)
     scaler = plumbing.grad_scaler(precision, device)
     mixing = build_mixing(args, num_classes)
@@ -724,6 +748,7 @@ def train(args):
         batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
+        steps_before = step
         for it, (imgs, labels) in enumerate(bar):
             if it % args.accum_iter == 0:
                 plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
@@ -752,6 +777,7 @@ def train(args):
                 loss_count = 0
                 t0 = time.time()
         optimizer.zero_grad(set_to_none=True)  # no unfinished accumulation leaks on
+        data.check_epoch_read(step - steps_before, epoch, bad_images)
         if loss_count:
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
                                   last_path)

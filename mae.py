@@ -451,6 +451,7 @@ def parse_args(argv=None):
             parser.set_defaults(img_size=64)
     parser.set_defaults(**source)
     if given.resume:
+        plumbing.check_resume_script(parser, given.resume, "mae.py")
         resumed = plumbing.resumed_defaults(given.resume, vars(given))
         parser.set_defaults(**resumed)
         plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
@@ -470,7 +471,7 @@ RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "decoder_dim": "[1, 
           "num_workers": "[0, inf)", "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
           "weight_decay": "[0, inf)", "clip_grad": "[0, inf)", "min_crop_scale": "(0, 1]",
           "student_drop_path": "[0, 1)", "student_color_jitter": "[0, inf)",
-          "distill_weight": "(0, inf)", "seed": "[0, inf)"}
+          "distill_weight": "(0, inf)", "seed": "[0, 4294967295]"}
 
 
 def validate(args, parser):
@@ -492,6 +493,9 @@ def validate(args, parser):
     if args.init is not None and args.resume is not None:
         parser.error("--init starts a new run from weights and --resume continues a run: give "
                      "one of them")
+    if args.mask_ratio == 0 and args.recon_layer != 0:
+        parser.error("--mask-ratio 0 removes no patch, so there is nothing to reconstruct: use a "
+                     "ratio in (0, 1) (MAE's: 0.75)")
     if args.recon_layer == 0 and args.teacher is None:
         parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
@@ -681,6 +685,7 @@ def train(args):
                              "--batch-size or --accum-iter")
     eff_batch = args.batch_size * args.accum_iter * world_size
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    plumbing.check_min_lr(args.min_lr, lr)
     ckpt = None
     if args.resume:
         ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
@@ -727,6 +732,7 @@ def train(args):
         batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
+        steps_before = step
         for it, (imgs, _) in enumerate(bar):
             if it % args.accum_iter == 0:
                 plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
@@ -758,6 +764,7 @@ def train(args):
                 images_since_log = 0
                 t0 = time.time()
         optimizer.zero_grad(set_to_none=True)  # no unfinished accumulation leaks on
+        data.check_epoch_read(step - steps_before, epoch, bad_images)
         if loss_count:  # the epoch's last steps not yet logged must be finite too
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
                                   step, last_path)

@@ -543,14 +543,14 @@ def declared_heads(path, obj, state):
     return None, None
 
 
-def check_heads(model, name, heads, where):
+def check_heads(model, name, heads, where, flag="--model"):
     """Refuse a file whose declared head count differs from the model's; when it declares none
     and presets of the model's shape differ in heads, print a note that says which is loaded."""
     alike = {n: c["num_heads"] for n, c in VIT_CONFIGS.items()
              if (c["embed_dim"], c["depth"]) == (model.embed_dim, model.depth)}
     if heads is not None and heads != model.num_heads:
         match = [n for n, h in alike.items() if h == heads]
-        fix = f"use --model {match[0]}" if match else "build the model with that many heads"
+        fix = f"use {flag} {match[0]}" if match else "build the model with that many heads"
         raise CheckpointError(f"{name} holds a ViT with {heads} attention heads ({where}) but "
                               f"this model has {model.num_heads}: {fix}")
     if heads is None and len(set(alike.values())) > 1:
@@ -558,7 +558,7 @@ def check_heads(model, name, heads, where):
         print(f"note: {name} does not say how many attention heads its ViT has; it is loaded "
               f"with this model's {model.num_heads}. The tensors of {options} have the same "
               "shapes, so check the file's origin (the papers' models have 12 heads, DeiT's and "
-              "timm's 3 or 6) and pick --model accordingly")
+              f"timm's 3 or 6) and pick {flag} accordingly")
 
 
 # timm's Hiera renames the official keys (its checkpoint_filter_fn); these undo it.
@@ -613,8 +613,9 @@ def split_extra_block(state, depth):
     return {k: v for k, v in state.items() if k not in extra}, extra
 
 
-def describe_vit(state):
-    """'24 blocks of width 1024 (vit_large)' for a ViT state dict, to name the right --model."""
+def describe_vit(state, flag="--model"):
+    """'24 blocks of width 1024, i.e. --model vit_large' for a ViT state dict: the preset to
+    give to `flag` (the script's flag that names this model's architecture)."""
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
     depth = max(blocks) + 1 if blocks else 0
     extra = depth > 0 and split_extra_block(state, depth - 1)[1]
@@ -624,14 +625,15 @@ def describe_vit(state):
                if cfg["depth"] == depth and cfg["embed_dim"] == width]
     plus = " (plus D^2-MAE's extra attention-only block)" if extra else ""
     return f"{depth} blocks of width {width}{plus}, " + (
-        f"i.e. --model {presets[0]}" if presets else "which no preset has")
+        f"i.e. {flag} {presets[0]}" if presets else "which no preset has")
 
 
 def _is_encoder_key(key, prefixes=ENCODER_PREFIXES):
     return key.startswith(prefixes)
 
 
-def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=(None, None)):
+def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=(None, None),
+                    flag="--model"):
     """Load a checkpoint into `model` (a ViT, a Hiera, or a module built on one) and report.
 
     Accepts our checkpoints, FAIR MAE files ({"model": ...}, encoder-only or with the decoder),
@@ -647,6 +649,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
     trust: unpickle the file in full (--trust-checkpoint); otherwise only tensors, containers
     and SAFE_GLOBALS. heads: (count, source) declared for a state dict passed in (a file says its
     own, see declared_heads); a ViT file declaring another count than the model is refused.
+    flag: the command-line flag that picks this model (--model, --teacher-model, --model-a),
+    named in the messages.
 
     Returns {"loaded": [...], "dropped": [...], "initialised": [...], "resized": [...],
     "extra_block": [...]}.
@@ -662,7 +666,7 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
     extra_block = []
     if kind == "ViT":  # a D^2-MAE file of MAE-Lite: 12 blocks plus the extra attention-only one
         state, extra_block = split_extra_block(state, model.depth)
-        check_heads(model, name, *heads)
+        check_heads(model, name, *heads, flag)
     else:
         state = from_timm_hiera(state)
     if not any(_is_encoder_key(k, prefixes) for k in state):
@@ -672,8 +676,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
     missing = sorted(k for k in own if _is_encoder_key(k, prefixes) and k not in state
                      and not k.endswith(REL_POS_KEY))
     if missing:
-        found = f"; it holds {describe_vit(state)}" if kind == "ViT" else \
-            " (pick the matching --model)"
+        found = f"; it holds {describe_vit(state, flag)}" if kind == "ViT" else \
+            f" (pick the matching {flag})"
         raise CheckpointError(f"{name} lacks {len(missing)} encoder keys of this model, e.g. "
                               f"{', '.join(missing[:3])}: it is a different depth or architecture"
                               f"{found}")
@@ -686,7 +690,7 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
                 raise CheckpointError(f"{name} has relative position tables ({key}): build the "
                                       "model with them (finetune.py --rel-pos)")
             if _is_encoder_key(key, prefixes):  # e.g. blocks.12.* into a 12-block model
-                found = f": {describe_vit(state)}" if kind == "ViT" else ""
+                found = f": {describe_vit(state, flag)}" if kind == "ViT" else ""
                 raise CheckpointError(f"{name} has {key}, which this {model.depth}-block model "
                                       f"does not; the file is deeper{found}")
             report["dropped"].append(key)
@@ -701,8 +705,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
                                       f" vs {tuple(target.shape)}): use the image and patch size "
                                       "it was fine-tuned with")
             if _is_encoder_key(key, prefixes) or key.startswith("norm."):
-                found = f"; it holds {describe_vit(state)}" if kind == "ViT" else \
-                    " (pick the matching --model)"
+                found = f"; it holds {describe_vit(state, flag)}" if kind == "ViT" else \
+                    f" (pick the matching {flag})"
                 raise CheckpointError(
                     f"{name} has {key} of shape {tuple(value.shape)} but the model expects "
                     f"{tuple(target.shape)}: it is another width or architecture{found}")

@@ -144,6 +144,27 @@ def check_ranges(parser, args, ranges):
                 parser.error(f"--{name.replace('_', '-')} {v} must be {rule}")
 
 
+def check_min_lr(min_lr, lr):
+    """The cosine must fall from the peak lr to --min-lr, not rise to it."""
+    if min_lr > lr:
+        raise RunError(f"--min-lr {min_lr:g} is above the peak lr {lr:.3g}: the schedule would "
+                       "rise instead of decay; lower --min-lr")
+
+
+def checkpoint_script(stored):
+    """Which of our scripts wrote a checkpoint, from its args: finetune.py's name a recipe,
+    mae.py's a mask ratio; None for anything else."""
+    return "finetune.py" if "recipe" in stored else "mae.py" if "mask_ratio" in stored else None
+
+
+def check_resume_script(parser, path, script):
+    """--resume of another script's checkpoint stops, naming that script and --init."""
+    other = checkpoint_script(checkpoint_args(path)) if os.path.isfile(path) else None
+    if other is not None and other != script:
+        parser.error(f"--resume {path} is a {other} checkpoint: continue it with {other}, or "
+                     "start from its weights with --init")
+
+
 def check_out_dir(parser, path, flag="--out-dir"):
     """An output folder that is an existing file stops at once, not at the first save."""
     if os.path.exists(path) and not os.path.isdir(path):

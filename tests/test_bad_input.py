@@ -3,6 +3,7 @@ the fix (argparse's `prog: error: ...` or our `error: ...`), a non-zero exit and
 The four scripts are driven in-process through main(argv)."""
 import pytest
 import torch
+from PIL import Image
 
 import analyze
 import bench
@@ -18,13 +19,17 @@ def files(tmp_path_factory):
     paths = {"missing": str(root / "nope.pth"), "file": str(root / "a_file"),
              "text": str(root / "notes.pth"), "empty": str(root / "empty.pth"),
              "empty_dir": str(root / "empty_dir"), "nan_teacher": str(root / "nan.pth"),
-             "wide": str(root / "wide.pth"), "truncated": str(root / "truncated.pth")}
+             "wide": str(root / "wide.pth"), "truncated": str(root / "truncated.pth"),
+             "huge_teacher": str(root / "huge.pth"), "finetuned": str(root / "finetuned.pth"),
+             "pretrained": str(root / "pretrained.pth"), "all_bad": str(root / "all_bad"),
+             "split_classes": str(root / "split_classes"), "empty_log": str(root / "log.jsonl"),
+             "deit": str(root / "deit.pth")}
     (root / "a_file").write_text("x")
     (root / "notes.pth").write_text("my notes\n")
     (root / "empty.pth").write_bytes(b"")
     (root / "empty_dir").mkdir()
     teacher = build_model("vit_tiny", img_size=32, patch_size=4)
-    state = teacher.state_dict()
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
     state["blocks.3.attn.qkv.weight"][0, 0] = float("nan")
     torch.save({"model": state}, paths["nan_teacher"])
     torch.save({"model": ViT(img_size=32, patch_size=4, embed_dim=48, depth=12,
@@ -32,6 +37,23 @@ def files(tmp_path_factory):
     good = root / "good.pth"
     torch.save({"model": teacher.state_dict()}, good)
     (root / "truncated.pth").write_bytes(good.read_bytes()[:5000])
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    state["blocks.0.attn.qkv.weight"] *= 1e20  # finite, but float32 overflows on the way
+    torch.save({"model": state}, paths["huge_teacher"])
+    torch.save({"model": teacher.state_dict(), "args": {"recipe": "impr"}}, paths["finetuned"])
+    torch.save({"model": teacher.state_dict(), "args": {"mask_ratio": 0.75}}, paths["pretrained"])
+    torch.save({"model": teacher.state_dict(), "args": {"model": "deit_tiny"}}, paths["deit"])
+    for split in ("train", "val"):  # JPEG names, garbage inside
+        for i in range(8):
+            (root / "all_bad" / split / "a").mkdir(parents=True, exist_ok=True)
+            (root / "all_bad" / split / "a" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    for split, classes in (("train", "abc"), ("val", "ab")):
+        for c in classes:
+            (root / "split_classes" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (60 * i, 20, 99)).save(
+                    root / "split_classes" / split / c / f"{i}.png")
+    (root / "log.jsonl").write_text("")
     return paths
 
 
@@ -71,6 +93,14 @@ CASES = [
     (mae, ["--resume", "{missing}"], "does not exist"),
     (mae, ["--teacher", "{missing}"], "does not exist"),
     (mae, ["--teacher", "{nan_teacher}", "--teacher-model", "vit_tiny"], "NaN or inf"),
+    # ... and what a second fuzz found
+    (mae, ["--teacher", "{huge_teacher}", "--teacher-model", "vit_tiny"], "NaN or inf features"),
+    (mae, ["--teacher", "{nan_teacher}"], "i.e. --teacher-model vit_tiny"),
+    (mae, ["--seed", "99999999999999999999"], "--seed 99999999999999999999 must be in"),
+    (mae, ["--mask-ratio", "0"], "nothing to reconstruct"),
+    (mae, ["--resume", "{finetuned}"], "is a finetune.py checkpoint"),
+    (mae, ["--lr", "1e-4", "--min-lr", "1"], "above the peak lr"),
+    (mae, ["--data", "imagefolder", "--data-root", "{all_bad}", "--img-size", "32", "--patch-size", "4", "--batch-size", "4"], "made no step"),
     # finetune.py
     (finetune, ["--mixup", "-1"], "--mixup -1.0 must be at least 0"),
     (finetune, ["--drop-path", "2"], "--drop-path 2.0 must be in [0, 1)"),
@@ -91,17 +121,38 @@ CASES = [
     (finetune, ["--init", "{wide}", "--keep-blocks", "13"], "--keep-blocks 13 must be within"),
     (finetune, ["--out-dir", "{file}"], "is a file: give a folder"),
     (finetune, ["--resume", "{text}"], "cannot read"),
+    (finetune, ["--resume", "{pretrained}"], "is a mae.py checkpoint"),
+    (finetune, ["--subset-seed", "-1"], "--subset-seed -1 must be in"),
+    (finetune, ["--init", "{pretrained}", "--eval", "--img-size", "32", "--patch-size", "4"],
+     "no classifier head"),
+    (finetune, ["--init", "{text}", "--export", "vit_tiny_timm.pth"], "names a file"),
+    (finetune, ["--data", "imagefolder", "--data-root", "{split_classes}", "--img-size", "32", "--patch-size", "4", "--batch-size", "4"],
+     "hold different classes"),
+    (finetune, ["--data", "imagefolder", "--data-root", "{all_bad}", "--img-size", "32", "--patch-size", "4", "--batch-size", "4"], "made no step"),
     # bench.py
     (bench, ["--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (bench, ["--steps", "0"], "--steps 0 must be at least 1"),
     (bench, ["--img-size", "30", "--patch-size", "8"], "not a multiple of --patch-size"),
     (bench, ["--benches", "nope"], "unknown bench"),
+    (bench, ["--benches", ","], "names no bench"),
+    (bench, ["--out", "{empty_dir}"], "is a folder"),
     # analyze.py
     (analyze, ["cka", "--a", "{missing}"], "does not exist"),
     (analyze, ["cka", "--a", "{text}"], "damaged or not a PyTorch checkpoint"),
     (analyze, ["attn", "--ckpt", "{wide}", "--img-size", "32", "--patch-size", "4"],
      "another width"),
     (analyze, ["cka", "--a", "{missing}", "--num-images", "2"], "--num-images"),
+    (analyze, ["cka", "--a", "{deit}", "--img-size", "32", "--patch-size", "4"],
+     "use --model-a deit_tiny"),
+    (analyze, ["cka", "--a", "{text}", "--patch-size", "0"], "--patch-size 0 must be at least 1"),
+    (analyze, ["cka", "--a", "{text}", "--batch-size", "3"], "--batch-size 3 must be at least 4"),
+    (analyze, ["cka", "--a", "{text}", "--names", "x", "y", "z"], "--names"),
+    (analyze, ["cka", "--a", "{text}", "--data", "bogus"], "invalid choice"),
+    (analyze, ["recon", "--ckpt", "{text}", "--img-size", "-16"], "--img-size -16"),
+    (analyze, ["attnmap", "--ckpt", "{text}", "--block", "0"], "--block 0 must be at least 1"),
+    (analyze, ["recon", "--ckpt", "{pretrained}"], "has no decoder"),
+    (analyze, ["curves", "{empty_log}"], "holds no records"),
+    (analyze, ["curves", "{empty_log}", "--out", "c.txt"], "must name a .png"),
 ]
 
 
@@ -115,7 +166,8 @@ def test_bad_input_stops_with_one_line_naming_the_fix(script, argv, expected, fi
     if script in (mae, finetune):
         argv += ["--num-workers", "0"] if "--num-workers" not in argv else []
     if script is analyze:
-        argv += ["--out-dir", str(tmp_path / "out")]
+        argv += ["--out", str(tmp_path / "c.png")] if argv[0] == "curves" and "--out" not in \
+            argv else [] if argv[0] == "curves" else ["--out-dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as stopped:
         script.main(argv)
     out = capsys.readouterr()

@@ -285,10 +285,11 @@ def test_write_curves_tolerates_one_record_and_nan_and_refuses_bad_logs(tmp_path
     panels = analyze.curve_panels({"nan": analyze.read_log(nan)})
     assert panels[0][2]["nan"] == [(1, 2.0)] and panels[1][2]["nan"] == [(1, 1e-4), (2, 2e-4)]
     assert len(panels) == 2  # its only evaluation record is NaN
-    analyze.write_curves(write_jsonl(tmp_path / "empty.jsonl", []), tmp_path / "empty.png")
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
     (tmp_path / "torn.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     for path, words in ((tmp_path / "missing.jsonl", "does not exist"),
-                        (tmp_path / "torn.jsonl", "line 2 is not a JSON object")):
+                        (tmp_path / "torn.jsonl", "line 2 is not a JSON object"),
+                        (empty, "holds no records")):
         with pytest.raises(SystemExit) as exit_info:
             analyze.main(["curves", str(path), "--out", str(tmp_path / "x.png")])
         message = str(exit_info.value.code)
