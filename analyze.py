@@ -1055,6 +1055,7 @@ def main(argv=None):
     if args.command == "curves":
         if not args.out.endswith(".png"):
             parser.error(f"--out {args.out} must name a .png file")
+        plumbing.check_out_dir(parser, os.path.dirname(args.out) or ".", "--out's folder")
         if args.labels is not None and len(args.labels) != len(args.logs):
             parser.error(f"--labels gives {len(args.labels)} labels for {len(args.logs)} logs")
     else:
