@@ -265,6 +265,14 @@ def test_resume_auto_starts_then_continues(tmp_path, capsys):
     assert "continuing from" in out and "resumed from" in out and "at epoch 1" in out
 
 
+def test_finetune_resume_auto_finds_the_checkpoint(tmp_path):
+    argv = ["--resume", "auto", "--out-dir", str(tmp_path)]
+    assert finetune.parse_args(argv).resume is None  # nothing yet: a new run
+    torch.save({"model": {}, "args": {"recipe": "impr", "epochs": 3}}, tmp_path / "checkpoint.pth")
+    args = finetune.parse_args(argv)
+    assert args.resume == str(tmp_path / "checkpoint.pth") and args.epochs == 3  # its run's flags
+
+
 def test_warmup_defaults_to_the_recipes_fraction():
     real = ["--data", "imagefolder", "--data-root", ROOT, "--epochs", "10"]
     assert mae.parse_args(real).warmup_epochs == 1  # 10% of 10, as 40 of 400
