@@ -462,6 +462,8 @@ def parse_args(argv=None):
     if evaluating:
         recipe = source["recipe"]
     layers = [{k: v for k, v in RECIPES[recipe].items() if k != "warmup_epochs"}]
+    if plumbing.checkpoint_script(source) == "moco.py" and recipe != "linprobe":
+        layers.append(dict(layer_decay=0.75))  # the papers' layer decay for MoCo-v3 models
     if evaluating:  # the file's head layout, over its recipe's
         layers.append(dict(recipe=recipe, global_pool=source.get("global_pool"),
                            rel_pos=source.get("rel_pos", False)))

@@ -153,8 +153,12 @@ def check_min_lr(min_lr, lr):
 
 def checkpoint_script(stored):
     """Which of our scripts wrote a checkpoint, from its args: finetune.py's name a recipe,
-    mae.py's a mask ratio; None for anything else."""
-    return "finetune.py" if "recipe" in stored else "mae.py" if "mask_ratio" in stored else None
+    mae.py's a mask ratio, moco.py's a temperature; None for anything else."""
+    for script, key in (("finetune.py", "recipe"), ("mae.py", "mask_ratio"),
+                        ("moco.py", "temperature")):
+        if key in stored:
+            return script
+    return None
 
 
 def check_resume_script(parser, path, script):

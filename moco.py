@@ -1,0 +1,400 @@
+"""moco.py: MoCo-v3 pre-training of a ViT (Chen, Xie & He 2021), the papers' contrastive baseline.
+
+    python moco.py                                  # demo: vit_tiny on synthetic shapes, CPU ok
+    torchrun --nproc_per_node 8 moco.py --data imagefolder --data-root /path/to/imagenet \
+        --batch-size 128                            # MoCov3-Tiny: 400 epochs, batch 1024
+
+As the papers' code (MAE-Lite's projects/mocov3, after facebookresearch/moco-v3): two augmented
+views of each image; q = predictor(projector(encoder(view))), k = the momentum copy of encoder +
+projector; a symmetric InfoNCE loss whose negatives are the keys of the whole global batch,
+scaled by 2 * temperature; the momentum follows a cosine from 0.99 to 1 over the run. The
+checkpoint's `model` is the plain backbone (FAIR/timm ViT keys), so finetune.py --init,
+analyze.py and mae.py --teacher read it unchanged; the rest (projector, predictor, momentum
+copies) is kept under `moco` for --resume.
+"""
+import argparse
+import copy
+import itertools
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import ImageFilter, ImageOps
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import data
+import plumbing
+from model import PRESETS, CheckpointError, build_model
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def mlp(num_layers, in_dim, hidden_dim, out_dim):
+    """MoCo-v3's projector / predictor: Linear (no bias) + BatchNorm + ReLU for every layer but
+    the last, which ends in a BatchNorm without affine parameters (its ViT heads keep it)."""
+    layers = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim,
+                                bias=False))
+        layers.append(nn.BatchNorm1d(out_dim, affine=False) if last else
+                      nn.BatchNorm1d(hidden_dim))
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def init_like_mocov3(vit):
+    """MoCo-v3's ViT initialisation: xavier-uniform Linears with q, k and v bounded as three
+    separate matrices, zero biases, a uniform patch projection of fan-in C * p * p, cls token
+    N(0, 1e-6); the sin-cos position embedding stays fixed."""
+    for name, m in vit.named_modules():
+        if isinstance(m, nn.Linear):
+            if "qkv" in name:
+                bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    proj = vit.patch_embed.proj
+    bound = math.sqrt(6.0 / (proj.weight[0].numel() + vit.embed_dim))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    nn.init.zeros_(proj.bias)
+    nn.init.normal_(vit.cls_token, std=1e-6)
+
+
+def concat_all_gather(x):
+    """(B, D) on every process -> (world * B, D) in rank order (no gradient: keys only)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def contrastive_loss(q, k, temperature):
+    """InfoNCE of queries q (B, D) against the keys of the whole global batch: the positive of
+    query i is key i of this process, every other key a negative; scaled by 2 * temperature as
+    the reference (so the loss does not grow as the temperature falls)."""
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(concat_all_gather(k.float()), dim=1)  # (world * B, D)
+    logits = q @ k.T / temperature  # (B, world * B)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def momentum_at(step, total_steps, base=0.99):
+    """The momentum coefficient of step `step`: a half cosine from `base` (step 0) to 1 (the
+    end), per iteration as the reference."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * step / total_steps)) * (1.0 - base)
+
+
+class MoCo(nn.Module):
+    """encoder + projector (trained) and their momentum copies (EMA), predictor (trained)."""
+
+    def __init__(self, encoder, out_dim=256, mlp_dim=4096, temperature=0.2):
+        super().__init__()
+        self.temperature = temperature
+        self.encoder = encoder  # a ViT with num_classes=0: its normalised cls token (B, D)
+        self.projector = mlp(3, encoder.embed_dim, mlp_dim, out_dim)
+        self.predictor = mlp(2, out_dim, mlp_dim, out_dim)
+        self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        """momentum weights <- m * momentum weights + (1 - m) * current weights (parameters
+        only; each BatchNorm keeps its own running statistics)."""
+        pairs = [(self.momentum_encoder, self.encoder), (self.momentum_projector, self.projector)]
+        for target, source in pairs:
+            for t, s in zip(target.parameters(), source.parameters()):
+                t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+
+    def forward(self, x1, x2):
+        """Two views (B, C, H, W) of the same images -> {"loss"}. The training loop moves the
+        momentum copies (update_momentum) before each step's forward, towards the weights of the
+        last optimizer step, as the reference does inside its forward."""
+        q1 = self.predictor(self.projector(self.encoder(x1)))  # (B, out_dim)
+        q2 = self.predictor(self.projector(self.encoder(x2)))
+        with torch.no_grad():
+            k1 = self.momentum_projector(self.momentum_encoder(x1))
+            k2 = self.momentum_projector(self.momentum_encoder(x2))
+        loss = contrastive_loss(q1, k2, self.temperature) + \
+            contrastive_loss(q2, k1, self.temperature)
+        return {"loss": loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# The two views
+
+
+class RandomBlur:
+    """PIL's Gaussian blur with a sigma drawn from [low, high] (MoCo-v3's, from SimCLR)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class Solarize:
+    def __call__(self, img):
+        return ImageOps.solarize(img)  # invert pixels >= 128
+
+
+def moco_augmentation(img_size, min_scale, blur_p, solarize_p):
+    """One of MoCo-v3's two (BYOL) augmentations of a PIL image."""
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),  # bilinear
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([RandomBlur()], p=blur_p),
+        v2.RandomApply([Solarize()], p=solarize_p),
+        v2.RandomHorizontalFlip(),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+    ])
+
+
+class MocoViews:
+    """(2, C, S, S): the asymmetric pair of the reference, view 1 always blurred, view 2 blurred
+    with probability 0.1 and solarised with 0.2. A class so loader workers can pickle it."""
+
+    def __init__(self, img_size, min_scale=0.08):
+        self.view1 = moco_augmentation(img_size, min_scale, blur_p=1.0, solarize_p=0.0)
+        self.view2 = moco_augmentation(img_size, min_scale, blur_p=0.1, solarize_p=0.2)
+
+    def __call__(self, img):
+        img = img.convert("RGB")
+        return torch.stack([self.view1(img), self.view2(img)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="MoCo-v3 pre-training of a ViT (nanoMIM).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_tiny", choices=sorted(PRESETS), help="encoder")
+    p.add_argument("--img-size", type=int, default=224, help="input size (synthetic: 32)")
+    p.add_argument("--patch-size", type=int, default=16, help="patch size (synthetic: 4)")
+    p.add_argument("--mlp-dim", type=int, default=4096, help="hidden width of both MLP heads")
+    p.add_argument("--out-dim", type=int, default=256, help="width of the embeddings compared")
+    p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
+    p.add_argument("--momentum", type=float, default=0.99,
+                   help="momentum at the start; it follows a cosine to 1")
+    p.add_argument("--frozen-patch-embed", action="store_true",
+                   help="MoCo-v3's random, frozen patch projection (the papers found a learned "
+                        "one better for small models)")
+    p.add_argument("--data", default="synthetic", choices=data.DATASETS, help="dataset")
+    p.add_argument("--data-root", default=None, help="dataset folder")
+    p.add_argument("--download", action="store_true", help="let torchvision download the data")
+    p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest crop area")
+    p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
+    p.add_argument("--max-images", type=int, default=None, help="at most this many images")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per GPU per step (the papers: 1024 = 8 x 128; synthetic: 64)")
+    p.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--epochs", type=int, default=400, help="training epochs (synthetic: 8)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warmup epochs (none given: 10%% of --epochs, 40 of 400)")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay, on every parameter (as the papers' code)")
+    p.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clip (0: off)")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes per GPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on GPUs that have it, fp16 with loss "
+                        "scaling on older GPUs, fp32 on CPU)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model (auto: on for CUDA)")
+    p.add_argument("--out-dir", default="out/moco", help="checkpoints, log.jsonl, curves.png")
+    p.add_argument("--resume", default=None,
+                   help="continue a run exactly from its checkpoint.pth (auto: --out-dir's if "
+                        "there is one, else start)")
+    p.add_argument("--save-every", type=int, default=20, help="also keep checkpoint-<epoch>.pth")
+    p.add_argument("--log-every", type=int, default=20, help="log every this many steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    return p
+
+
+DEMO_DEFAULTS = dict(img_size=32, patch_size=4, batch_size=64, epochs=8, warmup_epochs=1)
+RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "mlp_dim": "[1, inf)",
+          "out_dim": "[1, inf)", "temperature": "(0, inf)", "momentum": "[0, 1]",
+          "min_crop_scale": "(0, 1]", "synthetic_size": "[1, inf)", "max_images": "[1, inf)",
+          "batch_size": "[2, inf)", "accum_iter": "[1, inf)", "epochs": "[1, inf)",
+          "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+          "clip_grad": "[0, inf)", "num_workers": "[0, inf)", "save_every": "[1, inf)",
+          "log_every": "[1, inf)", "seed": "[0, 4294967295]"}
+# Flags a --resume must share with the run it continues.
+ARCH_ARGS = ("model", "img_size", "patch_size", "mlp_dim", "out_dim", "frozen_patch_embed")
+
+
+def parse_args(argv=None):
+    """Flags -> checked args: the synthetic demo's sizes, then with --resume the flags of the
+    run it continues; a flag given on the command line wins."""
+    parser = get_parser()
+    given, _ = parser.parse_known_args(argv)
+    given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
+    if given.data == "synthetic":
+        parser.set_defaults(**DEMO_DEFAULTS)
+    if given.resume:
+        plumbing.check_resume_script(parser, given.resume, "moco.py")
+        parser.set_defaults(**plumbing.resumed_defaults(given.resume, vars(given)))
+    args = parser.parse_args(argv)
+    args.resume = given.resume
+    plumbing.warmup_from_fraction(args, 0.1)
+    plumbing.check_ranges(parser, args, RANGES)
+    plumbing.check_out_dir(parser, args.out_dir)
+    if args.img_size % args.patch_size:
+        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
+                     f"{args.patch_size}")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
+                     f"{args.epochs}")
+    if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
+        parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
+    return args
+
+
+def build_moco(args):
+    """The MoCo module around a freshly initialised (MoCo-v3's init) preset ViT."""
+    encoder = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size)
+    init_like_mocov3(encoder)
+    if args.frozen_patch_embed:
+        encoder.patch_embed.requires_grad_(False)
+    return MoCo(encoder, args.out_dim, args.mlp_dim, args.temperature)
+
+
+def train(args):
+    rank, world_size, device = plumbing.setup_distributed()
+    is_main = rank == 0
+    precision = plumbing.resolve_precision(args.precision, device)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    os.makedirs(args.out_dir, exist_ok=True)
+    last_path = os.path.join(args.out_dir, "checkpoint.pth")
+    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
+
+    plumbing.seed_everything(args.seed)
+    moco = build_moco(args)
+    if dist.is_initialized() and device.type == "cuda":  # BatchNorm over the global batch
+        moco = nn.SyncBatchNorm.convert_sync_batchnorm(moco)
+    elif dist.is_initialized():
+        plumbing.print0("note: SyncBatchNorm needs CUDA; on CPU each process normalises its own "
+                        "batch (negatives still come from every process)")
+    moco = moco.to(device)
+    dataset = data.build_dataset(args.data, args.data_root, "train",
+                                 MocoViews(args.img_size, args.min_crop_scale), args.download,
+                                 args.synthetic_size, args.img_size)
+    dataset = data.evenly_spaced(dataset, args.max_images)
+    steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
+    if steps_per_epoch < 1:
+        raise data.DataError(f"{len(dataset)} images are fewer than one step needs "
+                             f"({args.batch_size * args.accum_iter * world_size}); lower "
+                             "--batch-size or --accum-iter")
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    plumbing.check_min_lr(args.min_lr, lr)
+    optimizer = torch.optim.AdamW([p for p in moco.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    scaler = plumbing.grad_scaler(precision, device)
+    start_epoch, step = 0, 0
+    bad_images = data.BadImages()
+    if args.resume:
+        ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
+        moco.load_state_dict(ckpt["moco"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
+        plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    model = plumbing.wrap_ddp(plumbing.maybe_compile(moco, use_compile), device)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    params = sum(p.numel() for p in moco.encoder.parameters())
+    plumbing.print0(f"{args.model} MoCo-v3 | {params / 1e6:.2f}M backbone params | "
+                    f"{args.data}: {len(dataset)} images, "
+                    f"{args.img_size}px | {device}, {precision}, compile {use_compile}, "
+                    f"{world_size} process(es) | batch {eff_batch}, lr {lr:.2e}, "
+                    f"{total_steps} steps")
+    loss_sum, loss_count, t0 = 0.0, 0, time.time()
+    for epoch in range(start_epoch, args.epochs):
+        plumbing.seed_everything(args.seed, epoch, rank)
+        loader = data.make_loader(dataset, args.batch_size, epoch, args.seed, rank=rank,
+                                  world_size=world_size, num_workers=args.num_workers,
+                                  pin_memory=device.type == "cuda", bad_images=bad_images)
+        batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+                   total=steps_per_epoch * args.accum_iter, leave=False)
+        steps_before = step
+        for it, (views, _) in enumerate(bar):
+            if it % args.accum_iter == 0:  # once per optimizer step
+                plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
+                                                              lr, args.min_lr))
+                moco.update_momentum(momentum_at(step, total_steps, args.momentum))
+            x1, x2 = views.to(device, non_blocking=True).unbind(1)  # (B, C, S, S) each
+            with plumbing.autocast(device, precision):
+                loss = model(x1, x2)["loss"]
+            scaler.scale(loss / args.accum_iter).backward()
+            loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
+            if (it + 1) % args.accum_iter:
+                continue
+            plumbing.optimizer_step(optimizer, args.clip_grad, scaler)
+            step += 1
+            if step % args.log_every == 0 or step == total_steps:
+                mean = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # a host sync
+                plumbing.check_finite(mean, step, last_path)
+                log.write(step=step, epoch=epoch + 1, loss=mean, lr=plumbing.current_lr(optimizer),
+                          momentum=momentum_at(step, total_steps, args.momentum),
+                          images_per_s=loss_count * args.batch_size * world_size
+                          / (time.time() - t0), skipped_images=bad_images.skipped)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                loss_sum, loss_count, t0 = 0.0, 0, time.time()
+        optimizer.zero_grad(set_to_none=True)
+        data.check_epoch_read(step - steps_before, epoch, bad_images)
+        if loss_count:
+            plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
+                                  last_path)
+        if is_main:
+            state = {"model": moco.encoder.state_dict(), "moco": moco.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "step": step, "args": vars(args), **bad_images.state_dict()}
+            plumbing.save_checkpoint(state, last_path)
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                plumbing.save_checkpoint(state, os.path.join(args.out_dir,
+                                                             f"checkpoint-{epoch + 1}.pth"))
+            plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, saved "
+                            f"{last_path}")
+    if is_main:
+        import analyze  # its PIL figures
+
+        analyze.write_curves([os.path.join(args.out_dir, "log.jsonl")],
+                             os.path.join(args.out_dir, "curves.png"))
+        plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
+    plumbing.cleanup_distributed()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (data.DataError, CheckpointError, plumbing.RunError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
