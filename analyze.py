@@ -719,6 +719,18 @@ def write_curves(log_paths, png_path, labels=None):
     return figure
 
 
+def write_run_curves(out_dir):
+    """The training scripts' curves.png of out_dir/log.jsonl; a log that cannot be drawn gives
+    a note, never an error at the end of a run that worked. Returns the PNG's path or None."""
+    png = os.path.join(out_dir, "curves.png")
+    try:
+        write_curves([os.path.join(out_dir, "log.jsonl")], png)
+    except LogError as e:
+        plumbing.print0(f"note: no curves.png ({e})")
+        return None
+    return png
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -858,8 +870,7 @@ def read_images(paths, img_size):
         if not os.path.isfile(path):
             raise data.DataError(f"image {path} does not exist: check the path")
         try:
-            with Image.open(path) as img:
-                imgs.append(transform(img.convert("RGB")))
+            imgs.append(transform(data.load_rgb(path)))  # EXIF-upright, as the loaders
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise data.DataError(f"cannot read image {path} ({type(e).__name__}): the file is "
                                  "damaged or not an image") from None

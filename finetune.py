@@ -455,6 +455,7 @@ def parse_args(argv=None):
     flags of the run it continues; a flag given on the command line wins over all of them."""
     parser = get_parser()
     given, _ = parser.parse_known_args(argv)
+    auto = given.resume == "auto"
     given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
     source = init_source_args(given.init) if given.init else {}
     recipe = given.recipe
@@ -490,6 +491,9 @@ def parse_args(argv=None):
         plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
                         f"{given.resume}")
     args = parser.parse_args(argv)
+    if auto and args.lr is not None and len(args.lr) > 1:
+        parser.error("--resume auto continues one run: with an lr sweep, give each lr its own "
+                     "run (--lr 0.01 --out-dir OUT/lr0.01 --resume auto)")
     args.resume = given.resume
     plumbing.warmup_from_fraction(args, RECIPES[args.recipe]["warmup_epochs"]
                                   / RECIPES[args.recipe]["epochs"])
@@ -507,7 +511,7 @@ def init_source_args(path):
         config = read_hub_config(path)
     except CheckpointError:
         return {}  # the load itself reports it
-    model_args = config.get("model_args") or {}
+    model_args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
     shape = {k: model_args.get(k) for k in ("embed_dim", "depth", "num_heads")}
     found = {}
     for name, cfg in VIT_CONFIGS.items():
@@ -663,6 +667,7 @@ def checkpoint_num_classes(path, trust=False):
 def train(args):
     """One fine-tuning run (or --eval). Returns the final evaluation plus the best top-1."""
     rank, world_size, device = plumbing.setup_distributed()
+    plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
@@ -719,7 +724,7 @@ def train(args):
         ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
+        if ckpt.get("scaler") and scaler.is_enabled():  # an fp32/bf16 run saved an empty one
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
         step = ckpt["step"]
@@ -808,9 +813,8 @@ def train(args):
     if is_main:
         import analyze  # its PIL figures
 
-        analyze.write_curves([os.path.join(args.out_dir, "log.jsonl")],
-                             os.path.join(args.out_dir, "curves.png"))
-        plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
+        if analyze.write_run_curves(args.out_dir):
+            plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
     return dict(result, best_top1=best["top1"])
 
 

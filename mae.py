@@ -439,7 +439,11 @@ def parse_args(argv=None):
     on the command line wins over all of them."""
     parser = get_parser()
     given, _ = parser.parse_known_args(argv)
+    auto = given.resume == "auto"
     given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
+    if auto and given.resume and given.init:  # a relaunched warm start: the run continues
+        plumbing.print0(f"--resume auto: the run continues, so --init {given.init} is not read")
+        given.init = None
     source = plumbing.checkpoint_args(given.init) if given.init else {}  # ours: its architecture
     source = {k: v for k, v in source.items() if k in INIT_ARGS}
     parser.set_defaults(**source)  # its --model first, so the presets below are that model's
@@ -457,7 +461,7 @@ def parse_args(argv=None):
         plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
                         f"{given.resume}")
     args = parser.parse_args(argv)
-    args.resume = given.resume
+    args.resume, args.init = given.resume, given.init
     plumbing.warmup_from_fraction(args, WARMUP_FRACTION)
     validate(args, parser)
     return args
@@ -573,15 +577,14 @@ def write_figures(args, student, device):
     reconstruction.png of 8 validation images when the decoder was trained."""
     import analyze
 
-    analyze.write_curves([os.path.join(args.out_dir, "log.jsonl")],
-                         os.path.join(args.out_dir, "curves.png"))
-    written = ["curves.png"]
+    written = ["curves.png"] if analyze.write_run_curves(args.out_dir) else []
     imgs = sample_images(args, 8)
     if student.recon_layer and len(imgs):  # no reconstruction when no decoder was trained
         analyze.reconstruction_figure(student, imgs.to(device), args.mask_ratio,
                                       os.path.join(args.out_dir, "reconstruction.png"))
         written.append("reconstruction.png")
-    plumbing.print0(f"wrote {' and '.join(written)} in {args.out_dir}")
+    if written:
+        plumbing.print0(f"wrote {' and '.join(written)} in {args.out_dir}")
 
 
 ARCH_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", "decoder_heads",
@@ -618,7 +621,8 @@ def warm_start(student, path, trust=False):
     model.load_pretrained, which prints what it loaded); the optimizer and schedule start afresh.
     Says whether the decoder came from the file or starts from its initialisation."""
     report = load_pretrained(student, path, verbose=plumbing.is_main_process(), trust=trust)
-    decoder = [k for k in student.state_dict() if k.startswith(DECODER_PREFIXES)]
+    trained = {name for name, p in student.named_parameters() if p.requires_grad}
+    decoder = [k for k in trained if k.startswith(DECODER_PREFIXES)]  # not the fixed sin-cos
     fresh = [k for k in decoder if k in report["initialised"]]
     where = ("the decoder starts from its initialisation" if len(fresh) == len(decoder) else
              "the decoder came from the file" if not fresh else
@@ -651,6 +655,7 @@ def checkpoint_state(module, student, optimizer, scaler, epoch, step, args, bad_
 
 def train(args):
     rank, world_size, device = plumbing.setup_distributed()
+    plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
@@ -702,7 +707,7 @@ def train(args):
         if module is not student:
             module.load_distill_state_dict(ckpt["distill"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
+        if ckpt.get("scaler") and scaler.is_enabled():  # an fp32/bf16 run saved an empty one
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"] + 1
         step = ckpt["step"]

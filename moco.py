@@ -282,6 +282,7 @@ def build_moco(args):
 
 def train(args):
     rank, world_size, device = plumbing.setup_distributed()
+    plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
@@ -318,7 +319,8 @@ def train(args):
         ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
         moco.load_state_dict(ckpt["moco"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("scaler") and scaler.is_enabled():  # an fp32/bf16 run saved an empty one
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
         plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
@@ -382,9 +384,8 @@ def train(args):
     if is_main:
         import analyze  # its PIL figures
 
-        analyze.write_curves([os.path.join(args.out_dir, "log.jsonl")],
-                             os.path.join(args.out_dir, "curves.png"))
-        plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
+        if analyze.write_run_curves(args.out_dir):
+            plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
     plumbing.cleanup_distributed()
 
 

@@ -427,6 +427,9 @@ def open_checkpoint(path, trust=False):
     """The object a checkpoint file holds: torch.save files (.pth, .pt, .bin) unpickled with
     weights_only=True and SAFE_GLOBALS allowed (trust=True: in full), .safetensors files (a
     flat state dict; the optional safetensors package). Raises CheckpointError naming the fix."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder: give the file inside it (e.g. "
+                              f"{os.path.join(path, 'model.safetensors')})")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     if path.endswith(".safetensors"):
@@ -525,15 +528,16 @@ def declared_heads(path, obj, state):
     (model_args.num_heads, else timm's count for its architecture). A name is believed only when
     its width is the state's."""
     width = state["cls_token"].shape[-1] if "cls_token" in state else None
-    shapes = {**TIMM_SHAPES, **{n: (c["embed_dim"], c["num_heads"]) for n, c in VIT_CONFIGS.items()}}
     args = obj.get("args") if isinstance(obj, dict) else None
     name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
     if isinstance(name, str):
-        for arch, (dim, heads) in shapes.items():  # ours exactly, FAIR's as mae_vit_base_patch16
-            if (name == arch or (name not in VIT_CONFIGS and arch in name)) and dim == width:
-                return heads, f"its args name the model {name}"
+        if name in VIT_CONFIGS and VIT_CONFIGS[name]["embed_dim"] == width:  # ours, exactly
+            return VIT_CONFIGS[name]["num_heads"], f"its args name --model {name}"
+        for arch, (dim, heads) in TIMM_SHAPES.items():  # timm's vit_tiny_patch16_224, FAIR's
+            if arch in name and dim == width:           # mae_vit_base_patch16
+                return heads, f"its args name timm's or FAIR's {name}"
     config = read_hub_config(path)
-    model_args = config.get("model_args") or {}
+    model_args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
     if "num_heads" in model_args:
         return model_args["num_heads"], "num_heads in config.json"
     arch = str(config.get("architecture", ""))
@@ -593,6 +597,17 @@ def resize_pos_embed(pos_embed, grid, num_prefix=1):
     patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
     return torch.cat([prefix, patches.to(pos_embed.dtype)], dim=1)
+
+
+def is_sincos(pos_embed, num_prefix=1):
+    """Whether a (1, prefix + h*w, D) position embedding is the fixed sin-cos table of its square
+    grid (MAE's, never trained), which is recomputed rather than interpolated for another grid."""
+    side = math.isqrt(pos_embed.shape[1] - num_prefix)
+    dim = pos_embed.shape[-1]
+    if side * side != pos_embed.shape[1] - num_prefix or dim % 4:
+        return False
+    table = sincos_pos_embed(dim, side, side, num_prefix == 1)
+    return torch.allclose(pos_embed.float(), table, atol=1e-5)
 
 
 REL_POS_KEY = "relative_position_bias_table"  # optional: zero-initialised when a file lacks it
@@ -697,8 +712,13 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
             continue
         target = own[key]
         if key == "pos_embed" and value.shape != target.shape and value.shape[-1] == target.shape[-1]:
-            value = resize_pos_embed(value, model.grid, 1 if "cls_token" in own else 0)
-            report["resized"].append(key)
+            prefix = 1 if "cls_token" in own else 0
+            if is_sincos(value, prefix) and target.shape[-1] % 4 == 0:  # MAE's fixed table:
+                value = sincos_pos_embed(target.shape[-1], *model.grid, prefix == 1)  # exact
+                report["resized"].append(f"{key} (sin-cos, recomputed for the new grid)")
+            else:  # a learned one
+                value = resize_pos_embed(value, model.grid, prefix)
+                report["resized"].append(key)
         if value.shape != target.shape:
             if key.endswith(REL_POS_KEY):
                 raise CheckpointError(f"{name} has {key} for another grid ({tuple(value.shape)}"

@@ -43,6 +43,19 @@ def setup_distributed():
     return rank, world_size, device
 
 
+def check_same_resume(resume):
+    """Under torchrun every process must resume from the same file or none (--resume auto looks
+    for it on each node: an out-dir that is not shared would split the run)."""
+    if not dist.is_initialized():
+        return
+    paths = [None] * dist.get_world_size()
+    dist.all_gather_object(paths, resume)
+    if len(set(paths)) > 1:
+        found = ", ".join(sorted(map(str, set(paths))))
+        raise RunError(f"the processes disagree on the checkpoint to resume ({found}): put "
+                       "--out-dir on storage every node sees")
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -288,7 +301,8 @@ def checkpoint_args(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return {}
-    return ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    stored = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return stored if isinstance(stored, dict) else {}
 
 
 # Flags added after checkpoints were first written, with the value a run without them had.

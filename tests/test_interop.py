@@ -303,3 +303,59 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
          "finetune.py", *evaluate], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"top-1 {alone['top1']:.2f}%, top-5 {alone['top5']:.2f}% on 15 " in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# What the review of this change found
+
+
+def test_an_fp16_resume_of_a_run_without_fp16_and_the_scale_carried_on(tmp_path):
+    run = MAE_RUN + ["--save-every", "1", "--out-dir", str(tmp_path / "a")]
+    mae.main(run[:run.index("--epochs")] + ["--epochs", "1"] + run[run.index("--epochs") + 2:]
+             + ["--precision", "fp32"])  # an empty scaler state, as on an A100 in bf16
+    mae.main(run + ["--resume", "auto", "--precision", "fp16"])  # requeued on an older GPU
+    scale = torch.load(tmp_path / "a" / "checkpoint.pth")["scaler"]
+    assert scale["scale"] > 0
+    fp16 = MAE_RUN + ["--precision", "fp16", "--save-every", "1"]
+    mae.main(fp16 + ["--out-dir", str(tmp_path / "straight")])
+    mae.main(fp16 + ["--out-dir", str(tmp_path / "resumed"), "--resume",
+                     str(tmp_path / "straight" / "checkpoint-1.pth")])
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pth")["scaler"]
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth")["scaler"]
+    assert straight == resumed  # the scale and its growth tracker went on
+
+
+def test_a_relaunched_warm_start_with_resume_auto_continues(tmp_path, capsys):
+    first = tmp_path / "first"
+    mae.main(MAE_RUN + ["--epochs", "1", "--out-dir", str(first)])
+    argv = MAE_RUN + ["--init", str(first / "checkpoint.pth"), "--resume", "auto", "--out-dir",
+                      str(tmp_path / "warm")]
+    assert mae.parse_args(argv).init is not None  # first launch: a warm start
+    (tmp_path / "warm").mkdir()
+    torch.save(torch.load(first / "checkpoint.pth"), tmp_path / "warm" / "checkpoint.pth")
+    args = mae.parse_args(argv)  # relaunched after a preemption: continues, --init not read
+    assert args.init is None and args.resume.endswith("checkpoint.pth")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--recipe", "transfer", "--resume", "auto"])  # a sweep of 3 lrs
+    assert "give each lr its own run" in capsys.readouterr().err
+
+
+def test_timm_training_files_state_their_3_heads(tmp_path):
+    path = str(tmp_path / "timm_train.pth")  # timm's train.py: args.model is timm's name
+    torch.save({"state_dict": tiny_shaped(3).state_dict(),
+                "args": argparse.Namespace(model="vit_tiny_patch16_224")}, path)
+    with pytest.raises(CheckpointError, match="3 attention heads.*--model deit_tiny"):
+        load_pretrained(tiny_shaped(12), path, verbose=False)
+    load_pretrained(tiny_shaped(3), path, verbose=False)
+
+
+def test_safetensors_is_optional(tmp_path, monkeypatch):
+    result = subprocess.run([sys.executable, "-c", "import sys, model; print('safetensors' in "
+                             "sys.modules)"], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == "False"  # model.py imports torch alone
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match="pip install safetensors"):
+        read_state_dict(str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="is a folder: give the file inside"):
+        read_state_dict(str(tmp_path))

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model import (Attention, CheckpointError, ViT, load_pretrained, sincos_pos_embed, vit_tiny)
+from model import (Attention, CheckpointError, ViT, load_pretrained, resize_pos_embed,
+                   sincos_pos_embed, vit_tiny)
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
 
@@ -166,8 +167,15 @@ def test_pos_embed_is_resized_to_the_grid(tmp_path):
     torch.save({"model": sd}, path)
     model = ViT(**TINY)  # 32 px: an 8x8 grid
     report = load_pretrained(model, str(path), verbose=False)
+    assert report["resized"] == ["pos_embed (sin-cos, recomputed for the new grid)"]
+    # MAE's fixed table is recomputed for the new grid, not interpolated
+    torch.testing.assert_close(model.pos_embed.data, sincos_pos_embed(64, 8, 8))
+    learned = sd["pos_embed"] + 0.01 * torch.randn(1, 17, 64)  # a learned one is interpolated
+    sd["pos_embed"] = learned
+    report = load_pretrained(model, sd, verbose=False)
     assert report["resized"] == ["pos_embed"] and model.pos_embed.shape == (1, 65, 64)
-    assert torch.all(model.pos_embed[0, 0] == 0)
+    torch.testing.assert_close(model.pos_embed.data[:, :1], learned[:, :1])  # cls row kept
+    torch.testing.assert_close(model.pos_embed.data, resize_pos_embed(learned, (8, 8)))
 
 
 def test_timm_oracle_both_directions():
