@@ -811,9 +811,9 @@ def train(args):
                 plumbing.save_checkpoint({k: v for k, v in state.items()
                                           if k not in ("optimizer", "scaler")}, best_path)
     if is_main:
-        import analyze  # its PIL figures
+        import viewers  # PIL figures
 
-        if analyze.write_run_curves(args.out_dir):
+        if viewers.write_run_curves(args.out_dir):
             plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
     return dict(result, best_top1=best["top1"])
 

@@ -99,7 +99,7 @@ class MAE(ViT):
         init_mae_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks,
                                         self.decoder_norm, self.decoder_pred]))
         nn.init.normal_(self.mask_token, std=0.02)
-        # what analyze.reconstruction_figure needs: predicted patches and the masking noise per image
+        # what viewers.reconstruction_figure needs: predicted patches and the masking noise per image
         self.recon_patch = patch_size
         self.recon_grid = self.grid
         self.mask_slots = num_patches
@@ -573,14 +573,14 @@ def sample_images(args, count):
 
 
 def write_figures(args, student, device):
-    """The run's pictures (analyze.py draws them): curves.png of log.jsonl, and
+    """The run's pictures (viewers.py draws them): curves.png of log.jsonl, and
     reconstruction.png of 8 validation images when the decoder was trained."""
-    import analyze
+    import viewers
 
-    written = ["curves.png"] if analyze.write_run_curves(args.out_dir) else []
+    written = ["curves.png"] if viewers.write_run_curves(args.out_dir) else []
     imgs = sample_images(args, 8)
     if student.recon_layer and len(imgs):  # no reconstruction when no decoder was trained
-        analyze.reconstruction_figure(student, imgs.to(device), args.mask_ratio,
+        viewers.reconstruction_figure(student, imgs.to(device), args.mask_ratio,
                                       os.path.join(args.out_dir, "reconstruction.png"))
         written.append("reconstruction.png")
     if written:

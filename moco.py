@@ -382,9 +382,9 @@ def train(args):
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, saved "
                             f"{last_path}")
     if is_main:
-        import analyze  # its PIL figures
+        import viewers  # PIL figures
 
-        if analyze.write_run_curves(args.out_dir):
+        if viewers.write_run_curves(args.out_dir):
             plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
     plumbing.cleanup_distributed()
 

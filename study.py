@@ -42,7 +42,7 @@ import analyze
 import data
 import finetune
 import mae
-from analyze import draw_curves  # the PIL line plot, shared with analyze.py curves
+from viewers import draw_curves  # the PIL line plot, shared with analyze.py curves
 
 # Each preset is fixed before it runs. Throughputs (images/s) only feed the expected times.
 # Pre-training and linear probing use the papers' absolute lr (MAE: blr 1.5e-4 at batch 4096;

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import analyze
+import viewers
 import data
 import hiera
 import mae
@@ -17,7 +18,7 @@ import model
 
 IMG = 32
 PATCH = 8  # a 4 x 4 grid of 16 patches
-SCALE = analyze.ENLARGE_TO // IMG  # 3: small images are enlarged to be seen
+SCALE = viewers.ENLARGE_TO // IMG  # 3: small images are enlarged to be seen
 GREY = tuple(round(255 * m) for m in data.IMAGENET_MEAN)  # a removed patch: zero, de-normalised
 
 
@@ -100,7 +101,7 @@ def test_norm_pix_on_and_off_are_the_hand_de_normalisation_and_the_raw_predictio
     mae_model = mae.MAE(embed_dim=32, depth=2, num_heads=2, img_size=IMG, patch_size=PATCH,
                         decoder_dim=32, decoder_depth=1, decoder_heads=2)
     imgs = 0.5 * torch.randn(2, 3, IMG, IMG) + 1.0  # patch statistics far from (0, 1)
-    mask = analyze.reconstruction_figure(mae_model, imgs, 0.75, tmp_path / "both.png", seed=3,
+    mask = viewers.reconstruction_figure(mae_model, imgs, 0.75, tmp_path / "both.png", seed=3,
                                          norm_pix="both")
     assert torch.equal(mask.bool(), removed_by_hand(2, 16, 0.75, seed=3))
     assert mae_model.training  # left in the mode it was called in (mae.py calls it mid-run)
@@ -187,7 +188,7 @@ def test_images_from_files_and_a_corrupt_one(tmp_path, micro):
     with Image.open(tmp_path / "recon.png") as img:
         assert img.size == (2 * IMG * SCALE, 3 * IMG * SCALE)
     original = tile(read_png(tmp_path / "recon.png"), 0, 1)
-    expected = analyze.read_images([files[1]], IMG)  # 32 px: resized to 36, cropped to 32
+    expected = viewers.read_images([files[1]], IMG)  # 32 px: resized to 36, cropped to 32
     assert np.abs(original.astype(float) -
                   (data.denormalize(expected)[0] * 255).permute(1, 2, 0).numpy()).max() <= 1
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
@@ -203,7 +204,7 @@ def test_cls_attention_maps_against_attention_by_hand():
     torch.manual_seed(0)
     vit = model.ViT(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2).eval()
     imgs = torch.randn(3, 3, IMG, IMG)
-    maps = analyze.cls_attention_maps(vit, imgs, 1)
+    maps = viewers.cls_attention_maps(vit, imgs, 1)
     assert maps.shape == (3, 1 + 2, 4, 4)
     with torch.no_grad():  # block 1 by hand: softmax(q k^T / sqrt(d)) of the cls query
         x = vit.blocks[0].norm1(vit.prepend_cls(vit.embed(imgs)))  # (B, 1 + L, D)
@@ -214,7 +215,7 @@ def test_cls_attention_maps_against_attention_by_hand():
     heads = probs[:, :, 0, 1:].reshape(3, 2, 4, 4)  # cls row, patch columns, on the grid
     assert torch.allclose(maps[:, 1:], heads, atol=1e-6)
     assert torch.allclose(maps[:, 0], heads.mean(dim=1), atol=1e-6)
-    last = analyze.cls_attention_maps(vit, imgs, 2)
+    last = viewers.cls_attention_maps(vit, imgs, 2)
     _, _, logits = vit.forward_features(imgs, return_attn=[2])
     assert torch.allclose(last[:, 1:].flatten(2), logits[2][:, :, 0].softmax(-1)[:, :, 1:])
     assert torch.allclose(last[:, 0], last[:, 1:].mean(dim=1))
@@ -226,8 +227,8 @@ def test_attnmap_cli_size_and_bad_requests(tmp_path, micro, capsys):
     analyze.main(["attnmap", "--ckpt", ckpt, "--num-images", "3", "--out-dir", str(tmp_path)])
     assert "block 2 of 2" in capsys.readouterr().out
     with Image.open(tmp_path / "attnmap.png") as img:
-        assert img.size == ((2 + 2) * IMG * SCALE, analyze.LABEL_STRIP + 3 * IMG * SCALE)
-        picture = np.asarray(img.convert("RGB"))[analyze.LABEL_STRIP:]
+        assert img.size == ((2 + 2) * IMG * SCALE, viewers.LABEL_STRIP + 3 * IMG * SCALE)
+        picture = np.asarray(img.convert("RGB"))[viewers.LABEL_STRIP:]
     images = picture[:, :IMG * SCALE]
     overlays = picture[:, IMG * SCALE:]
     assert np.abs(overlays[:, :IMG * SCALE].astype(int) - images).max() > 50  # heat laid over
@@ -258,8 +259,8 @@ def test_curves_of_a_mae_and_a_finetune_log(tmp_path):
         dict(epoch=1, step=4, top1=30.0, top5=80.0, val_loss=1.9, images=64, best_top1=30.0),
         dict(step=6, epoch=2, loss=1.8, lr=1e-4, images_per_s=50.0),
         dict(epoch=2, step=6, top1=45.0, top5=90.0, loss=1.6, images=64, best_top1=45.0)])
-    runs = {"mae": analyze.read_log(mae_log), "ft": analyze.read_log(ft_log)}
-    (loss_title, loss_x, loss), (_, _, lr), (top1_title, top1_x, top1) = analyze.curve_panels(runs)
+    runs = {"mae": viewers.read_log(mae_log), "ft": viewers.read_log(ft_log)}
+    (loss_title, loss_x, loss), (_, _, lr), (top1_title, top1_x, top1) = viewers.curve_panels(runs)
     assert (loss_x, top1_x) == ("step", "epoch") and "top-1" in top1_title
     assert loss["ft"] == [(2, 2.3), (4, 2.1), (6, 1.8)]  # evaluation lines are not training loss
     assert lr["mae"][-1] == (8, pytest.approx(8e-4))
@@ -280,9 +281,9 @@ def test_write_curves_tolerates_one_record_and_nan_and_refuses_bad_logs(tmp_path
         dict(step=1, epoch=1, loss=2.0, lr=1e-4), dict(step=2, epoch=1, loss=float("nan"), lr=2e-4),
         dict(step=3, epoch=1, loss=float("inf"), lr=float("nan")),
         dict(epoch=1, step=3, top1=float("nan"), best_top1=0.0)])
-    analyze.write_curves([one, nan], tmp_path / "sub" / "curves.png")
+    viewers.write_curves([one, nan], tmp_path / "sub" / "curves.png")
     assert (tmp_path / "sub" / "curves.png").stat().st_size > 0
-    panels = analyze.curve_panels({"nan": analyze.read_log(nan)})
+    panels = viewers.curve_panels({"nan": viewers.read_log(nan)})
     assert panels[0][2]["nan"] == [(1, 2.0)] and panels[1][2]["nan"] == [(1, 1e-4), (2, 2e-4)]
     assert len(panels) == 2  # its only evaluation record is NaN
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
@@ -299,7 +300,7 @@ def test_write_curves_tolerates_one_record_and_nan_and_refuses_bad_logs(tmp_path
 def test_study_draws_with_the_shared_line_plot():
     import study
 
-    assert study.draw_curves is analyze.draw_curves
+    assert study.draw_curves is viewers.draw_curves
 
 
 def test_trust_checkpoint_reaches_every_reader(tmp_path, micro):
