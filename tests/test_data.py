@@ -142,8 +142,8 @@ def test_orientation_as_pils_exif_transpose(orientation):
 
 @pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
 def test_device_decoding_is_upright_as_the_pil_path(tmp_path, monkeypatch, backend):
-    if backend == "torchcodec":
-        pytest.importorskip("torchcodec.decoders")
+    if backend == "torchcodec" and data.jpeg_backend() != "torchcodec":
+        pytest.skip("TorchCodec is not installed (or does not load) here")
     monkeypatch.setattr(data, "jpeg_backend", lambda: backend)
     blobs, expected = [], []
     for orientation in (1, 3, 6, 8):
