@@ -195,3 +195,29 @@ def test_device_augment_on_a_whole_image_is_a_resize():
         / torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(out[0], expected, atol=1e-4) or \
         torch.allclose(out[0], expected.flip(-1), atol=1e-4)
+
+
+def test_cuda_decodes_wait_for_the_stream_first(monkeypatch):
+    """The nvJPEG race (pytorch/vision#9606, torchcodec#1634): before a batched CUDA decode the
+    host waits for the work queued on the stream. Checked on CPU with the CUDA calls recorded."""
+    import torchvision.io
+
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("synchronize")
+
+    real = torchvision.io.decode_jpeg
+
+    def decode(blobs, mode, device):
+        calls.append(f"decode on {device}")
+        return real(blobs, mode=mode)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
+    monkeypatch.setattr(data, "jpeg_backend", lambda: "torchvision")
+    blob = torch.frombuffer(bytearray(jpeg_with_orientation(6)), dtype=torch.uint8)
+    images = data.decode_jpegs([blob, blob], torch.device("cuda", 0))
+    assert calls == ["synchronize", "decode on cuda:0"]
+    assert images[0].shape == (3, 30, 20)  # and turned upright, as torchvision's CUDA path won't
