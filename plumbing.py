@@ -296,11 +296,15 @@ def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args
 
 
 def checkpoint_args(path):
-    """The `args` dict stored in one of our checkpoints, {} for any other or unreadable file."""
+    """The `args` dict stored in one of our checkpoints, {} for any other or unreadable file.
+    The file is memory-mapped, so its tensors are not read (parse_args asks several times)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return {}
+        try:  # a file torch cannot map (the pre-zip format) is read whole
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return {}
     stored = ckpt.get("args") if isinstance(ckpt, dict) else None
     return stored if isinstance(stored, dict) else {}
 
