@@ -9,7 +9,8 @@ grid). Every stage calls one of the scripts' main(argv), so each is a command a 
 alone (printed in the log), and writes into out/study/<stage>/:
   1. pre-training without labels: an MAE teacher (ViT-Small), then ViT-Tiny students with the
      same data, epochs, batch and seed: MAE, D-MAE (--distill-layer 12), D^2-MAE (--distill-layer
-     12 --recon-layer 8), and TinyMIM's relations when the preset allows;
+     12 --recon-layer 8), and TinyMIM's relations when the preset allows; and the papers'
+     contrastive baseline, MoCo-v3 (moco.py), on the same images for the same epochs;
   2. references: a ViT-Tiny trained from scratch on the labels (also the CKA reference) and a
      randomly initialised one;
   3. downstream on the test images: fine-tuning with many labels (data-sufficient) and with 60
@@ -42,6 +43,7 @@ import analyze
 import data
 import finetune
 import mae
+import moco
 from viewers import draw_curves  # the PIL line plot, shared with analyze.py curves
 
 # Each preset is fixed before it runs. Throughputs (images/s) only feed the expected times.
@@ -73,7 +75,8 @@ PRESETS = {
 IMAGE = ["--data", "fashion_mnist", "--img-size", "28", "--patch-size", "4"]
 STUDENTS = ("mae", "dmae", "d2mae")  # (+ "tinymim" when the preset has relation=True)
 NAMES = {"scratch": "scratch", "mae": "MAE-Tiny", "dmae": "D-MAE-Tiny", "d2mae": "D2-MAE-Tiny",
-         "tinymim": "TinyMIM-Tiny", "teacher": "MAE teacher", "random": "random init"}
+         "tinymim": "TinyMIM-Tiny", "moco": "MoCo-v3-Tiny", "teacher": "MAE teacher",
+         "random": "random init"}
 
 
 class StudyError(RuntimeError):
@@ -104,6 +107,10 @@ def stage_list(p, root, data_root):
                                    "--mask-ratio", "0", "--no-recon", "--student-drop-path", "0.1"]}
     for s in students:
         stages.append((f"pretrain_{s}", "mae", pre + ["--model", "vit_tiny"] + flags[s], n_pre))
+    # the contrastive baseline: MoCo-v3's own lr (blr 1.5e-4 x batch / 256), same data and epochs
+    moco_pre = [a for a in pre if a not in ("--lr", str(p["pretrain_lr"]))]
+    stages.append(("pretrain_moco", "moco", moco_pre + ["--model", "vit_tiny"], 8 * n_pre))
+    tuned = students + ["moco"]
     test = ["--max-images", str(p["test_images"])] if p["test_images"] else []
     tune = common + test + ["--eval-every", "0", "--log-every", "5"]
     sufficient = tune + ["--labels-per-class", str(p["sufficient_per_class"]), "--epochs",
@@ -118,13 +125,13 @@ def stage_list(p, root, data_root):
 
     n_scarce = 10 * p["scarce_per_class"] * p["scarce_epochs"]
     n_test = p["test_images"] or 10000
-    for init in ["scratch"] + students:
+    for init in ["scratch"] + tuned:
         start = [] if init == "scratch" else ["--init", ckpt(f"pretrain_{init}")]
         stages.append((f"sufficient_{init}", "finetune", start + sufficient, 2 * n_suff + n_test))
         for seed in p["seeds"]:
             stages.append((f"scarce_{init}_s{seed}", "finetune", start + scarce(seed),
                            2 * n_scarce + n_test))
-    for init in students:
+    for init in tuned:
         stages.append((f"probe_{init}", "finetune",
                        ["--init", ckpt(f"pretrain_{init}"), "--recipe", "linprobe", "--lr",
                         str(PROBE_LR)] + tune +
@@ -142,20 +149,28 @@ def stage_list(p, root, data_root):
     analysis = IMAGE + (["--data-root", data_root] if data_root else []) + \
         ["--num-images", str(p["analysis_images"]), "--batch-size", "64"]
     supervised = ckpt("sufficient_scratch")
-    for s in students:
-        for ref, ref_model in (("supervised", "vit_tiny"), ("teacher", p["teacher"])):
+    for s in tuned:
+        for ref, ref_model in cka_references(s, p):
             b = supervised if ref == "supervised" else ckpt("pretrain_teacher")
             stages.append((f"cka_{s}_vs_{ref}", "analyze",
                            ["cka", "--a", ckpt(f"pretrain_{s}"), "--b", b, "--model-a",
                             "vit_tiny", "--model-b", ref_model, "--names", NAMES[s],
                             f"{ref} ({ref_model})"] + analysis, 2 * p["analysis_images"]))
-    labels = [NAMES[s] for s in STUDENTS] + ["supervised"]
+    labels = [NAMES[s] for s in STUDENTS + ("moco",)] + ["supervised"]
     stages.append(("attention", "analyze",
-                   ["attn", "--ckpt"] + [ckpt(f"pretrain_{s}") for s in STUDENTS] + [supervised]
+                   ["attn", "--ckpt"] + [ckpt(f"pretrain_{s}") for s in STUDENTS + ("moco",)]
+                   + [supervised]
                    + ["--labels"] + labels + ["--random-init", "vit_tiny"] + analysis,
                    5 * p["analysis_images"]))
     return [(name, script, argv + ["--out-dir", os.path.join(root, name)], images)
             for name, script, argv, images in stages]
+
+
+def cka_references(model, p):
+    """The references a pre-trained model is compared with by CKA: the supervised ViT-Tiny,
+    and the MAE teacher for the MAE students (MoCo-v3 has none)."""
+    refs = [("supervised", "vit_tiny")]
+    return refs if model == "moco" else refs + [("teacher", p["teacher"])]
 
 
 def run_stage(name, script, argv, root):
@@ -163,14 +178,15 @@ def run_stage(name, script, argv, root):
     out_dir = os.path.join(root, name)
     start = time.time()
     try:
-        result = {"mae": mae.main, "finetune": finetune.main, "analyze": analyze.main}[script](argv)
+        result = {"mae": mae.main, "moco": moco.main, "finetune": finetune.main,
+                  "analyze": analyze.main}[script](argv)
     except SystemExit as e:  # the scripts' one-line errors
         raise StudyError(f"stage {name} stopped: {e.code}") from None
     seconds = time.time() - start
     numbers = {}
     if script == "finetune":
         numbers = {k: result[0][1][k] for k in ("top1", "top5", "val_loss", "images")}
-    elif script == "mae":
+    elif script in ("mae", "moco"):
         log = read_jsonl(os.path.join(out_dir, "log.jsonl"))
         numbers = {"final_loss": log[-1]["loss"], "steps": log[-1]["step"]}
     elif name == "attention":
@@ -205,9 +221,10 @@ def verdict(diff, noise):
 
 
 def accuracies(results, p, students):
-    """{init: {"sufficient": top1, "scarce": (mean, std, [per seed])}}."""
+    """{init: {"sufficient": top1, "scarce": (mean, std, [per seed])}} of scratch, the MAE
+    students and MoCo-v3."""
     acc = {}
-    for init in ["scratch"] + students:
+    for init in ["scratch"] + students + ["moco"]:
         per_seed = [results[f"scarce_{init}_s{s}"]["numbers"]["top1"] for s in p["seeds"]]
         acc[init] = {"sufficient": results[f"sufficient_{init}"]["numbers"]["top1"],
                      "scarce": (*mean_std(per_seed), per_seed)}
@@ -215,11 +232,11 @@ def accuracies(results, p, students):
 
 
 def check_claims(results, p, students):
-    """The five claims of 000 and 003, each with its verdict and the numbers that decide it.
+    """The eight claims of 000 and 003, each with its verdict and the numbers that decide it.
     The noise level is the spread of the data-insufficient runs over subsets and seeds: twice
     the largest std of the four models (at least 0.5 points) for accuracy differences."""
     acc = accuracies(results, p, students)
-    noise = max(0.5, 2 * max(a["scarce"][1] for a in acc.values()))
+    noise = max(0.5, 2 * max(acc[i]["scarce"][1] for i in ["scratch"] + list(STUDENTS)))
     claims = []
     # 1. MAE beats scratch when fine-tuned
     d_suff = acc["mae"]["sufficient"] - acc["scratch"]["sufficient"]
@@ -311,7 +328,46 @@ def check_claims(results, p, students):
         evidence="top-1 gain over MAE-Tiny (data-sufficient, 60 labels a class): "
                  + ", ".join(f"{NAMES[s]} {g[0]:+.2f}, {g[1]:+.2f}" for s, g in gains.items())
                  + f"; D²-MAE − D-MAE with 60 labels a class {d2_vs_d:+.2f}; noise ±{noise:.2f}"))
+    claims += moco_claims(results, acc, noise, diag, per_layer)
     return acc, claims
+
+
+def moco_claims(results, acc, noise, diag, per_layer):
+    """The three claims the MoCo-v3 baseline enables (000 Tab. 1/4, Fig. 1, Fig. 4)."""
+    claims = []
+    # 6. MoCo-v3 wins with scarce labels, MAE with plentiful ones
+    d_scarce = acc["moco"]["scarce"][0] - acc["mae"]["scarce"][0]
+    d_suff = acc["mae"]["sufficient"] - acc["moco"]["sufficient"]
+    v = [verdict(d_scarce, noise), verdict(d_suff, noise)]
+    claims.append(dict(
+        claim="MoCo-v3-Tiny beats MAE-Tiny when labels are scarce; MAE-Tiny wins when they are "
+              "plentiful",
+        verdict="reproduced" if v == ["reproduced"] * 2 else
+        "not reproduced" if "not reproduced" in v else "inconclusive",
+        evidence=f"top-1 MoCo − MAE with 60 labels a class {d_scarce:+.2f}; MAE − MoCo "
+                 f"data-sufficient {d_suff:+.2f}; noise ±{noise:.2f}"))
+    # 7. CKA: MoCo's higher layers closer to the supervised reference than MAE's
+    moco_up = statistics.mean(diag("cka_moco_vs_supervised")[-4:])
+    mae_up = statistics.mean(diag("cka_mae_vs_supervised")[-4:])
+    claims.append(dict(
+        claim="MoCo-v3-Tiny's higher layers are closer to the supervised reference than "
+              "MAE-Tiny's (CKA)",
+        verdict=verdict(moco_up - mae_up, 0.02),
+        evidence=f"diagonal CKA to the supervised ViT-Tiny, mean of the last 4 layers: "
+                 f"MoCo-v3 {moco_up:.3f}, MAE {mae_up:.3f} (needs a 0.02 gap)"))
+    # 8. attention: MoCo's more global and broad in the higher layers
+    attn = results["attention"]["numbers"]
+    high = {key: statistics.mean(per_layer(attn[NAMES["moco"]], key)[-4:])
+            - statistics.mean(per_layer(attn[NAMES["mae"]], key)[-4:])
+            for key in ("distance_px", "entropy_nats")}
+    claims.append(dict(
+        claim="MoCo-v3-Tiny's attention is more global and broad than MAE-Tiny's in the higher "
+              "layers",
+        verdict="reproduced" if min(high.values()) > 0 else
+        "not reproduced" if max(high.values()) < 0 else "inconclusive",
+        evidence=f"MoCo − MAE, blocks 9-12: distance {high['distance_px']:+.2f} px, entropy "
+                 f"{high['entropy_nats']:+.3f} nats"))
+    return claims
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +386,7 @@ def write_outputs(results, p, preset, root, total_seconds):
     tune_curves = {NAMES[i]: [(r["step"], r["loss"]) for r in
                               read_jsonl(os.path.join(root, f"sufficient_{i}", "log.jsonl"))
                               if "loss" in r and "top1" not in r]
-                   for i in ["scratch"] + students}
+                   for i in ["scratch"] + students + ["moco"]}
     draw_curves(tune_curves, "fine-tuning loss, data-sufficient",
                 os.path.join(figures, "finetune.png"))
     for name in results:
@@ -349,7 +405,7 @@ def write_outputs(results, p, preset, root, total_seconds):
              f"{total_seconds / 60:.1f} min of stage time in all.", "",
              "| model | fine-tuned, data-sufficient | fine-tuned, 60 labels a class (mean ± std) "
              "| linear probe |", "| --- | --- | --- | --- |"]
-    for init in ["scratch"] + students:
+    for init in ["scratch"] + students + ["moco"]:
         probe = results.get(f"probe_{init}", {}).get("numbers", {}).get("top1")
         m, s, per = acc[init]["scarce"]
         lines.append(f"| {NAMES[init]} | {acc[init]['sufficient']:.2f} | {m:.2f} ± {s:.2f} "
@@ -364,8 +420,8 @@ def write_outputs(results, p, preset, root, total_seconds):
                      f"{sc:.2f} |")
     lines.append(f"| 12 | {acc['mae']['sufficient']:.2f} | {acc['mae']['scarce'][0]:.2f} |")
     lines += ["", "CKA (diagonal, mean of the last four layers):", ""]
-    for s in students:
-        for ref in ("supervised", "teacher"):
+    for s in students + ["moco"]:
+        for ref, _ in cka_references(s, p):
             m = results[f"cka_{s}_vs_{ref}"]["numbers"]["matrix"]
             d = [m[i][i] for i in range(min(len(m), len(m[0])))]
             lines.append(f"- {NAMES[s]} vs {ref}: {statistics.mean(d[-4:]):.3f} "

@@ -18,7 +18,7 @@ needs_data = pytest.mark.skipif(not HAVE_DATA, reason="apt-get install dataset-f
 def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, capsys):
     out = str(tmp_path / "study")
     claims = study.main(["--preset", "smoke", "--out-dir", out])
-    assert len(claims) == 5
+    assert len(claims) == 8
     assert {c["verdict"] for c in claims} <= {"reproduced", "not reproduced", "inconclusive"}
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
@@ -28,10 +28,11 @@ def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, c
     assert set(results["stages"]) == {name for name, _, _, _ in stages}
     for name, stage in results["stages"].items():
         assert stage["command"].startswith("python ") and stage["seconds"] >= 0, name
-    assert set(results["accuracy"]) == {"scratch", "mae", "dmae", "d2mae", "tinymim"}
+    assert set(results["accuracy"]) == {"scratch", "mae", "dmae", "d2mae", "tinymim", "moco"}
+    assert results["stages"]["pretrain_moco"]["numbers"]["steps"] == 2
     assert results["stages"]["pretrain_mae"]["numbers"]["steps"] == 2  # --max-images 64, batch 32
     md = open(os.path.join(out, "results.md")).read()
-    assert "## Claims" in md and md.count("**") == 10
+    assert "## Claims" in md and md.count("**") == 16
     for png in ("pretrain.png", "finetune.png", "attn_distance.png", "attn_entropy.png",
                 "cka_mae_vs_supervised.png", "cka_d2mae_vs_teacher.png"):
         assert os.path.getsize(os.path.join(out, "figures", png)) > 0, png
