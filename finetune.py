@@ -371,8 +371,6 @@ def get_parser():
                         "(60: the papers' 1%% of ImageNet / Fashion-MNIST; none: all)")
     g.add_argument("--subset-seed", type=int, default=0,
                    help="seed that draws the --labels-per-class subset")
-    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading processes per GPU")
     g = p.add_argument_group("optimisation (defaults: the --recipe's, RECIPES in finetune.py)")
     g.add_argument("--opt", default=r["opt"], choices=["adamw", "sgd", "lars"],
                    help="adamw (0.9, 0.999); sgd: Nesterov, momentum 0.9 (transfer); lars "
@@ -429,22 +427,12 @@ def get_parser():
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle the --init file in full (only for files you trust: a pickle "
                         "can run code); by default only tensors and argparse.Namespace")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on GPUs that have it, fp16 with loss "
-                        "scaling on older GPUs, fp32 on CPU)")
-    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on for CUDA)")
-    g.add_argument("--out-dir", default="out/finetune", help="checkpoints and log.jsonl")
-    g.add_argument("--resume", default=None,
-                   help="continue a run from its checkpoint.pth; flags not given take its run's "
-                        "(auto: --out-dir's checkpoint.pth if there is one, else start)")
+    plumbing.add_run_flags(g, "out/finetune")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint-<epoch>.pth every this many epochs (0: never)")
-    g.add_argument("--log-every", type=int, default=20, help="log every this many steps")
     g.add_argument("--eval-every", type=int, default=1,
                    help="evaluate every this many epochs and after the last (0: only after the "
                         "last, so no epoch is chosen by its validation accuracy)")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 
 
@@ -528,16 +516,16 @@ def init_source_args(path):
 
 
 # The range of every numeric flag (plumbing.check_ranges); the rules between flags follow.
-RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "batch_size": "[1, inf)",
-          "accum_iter": "[1, inf)", "epochs": "[1, inf)", "log_every": "[1, inf)",
-          "synthetic_size": "[1, inf)", "max_images": "[1, inf)", "labels_per_class": "[1, inf)",
-          "num_workers": "[0, inf)", "save_every": "[0, inf)", "eval_every": "[0, inf)",
-          "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
-          "layer_decay": "(0, 1]", "clip_grad": "[0, inf)", "drop_path": "[0, 1)",
-          "head_init_std": "[0, inf)", "min_crop_scale": "(0, 1]", "rand_aug": "[0, 10]",
-          "rand_aug_std": "[0, inf)", "color_jitter": "[0, inf)", "mixup": "[0, inf)",
-          "cutmix": "[0, inf)", "smoothing": "[0, 1)", "reprob": "[0, 1]",
-          "seed": "[0, 4294967295]", "subset_seed": "[0, 4294967295]"}
+RANGES = {**plumbing.RUN_RANGES,
+          "img_size": "[1, inf)", "patch_size": "[1, inf)", "batch_size": "[1, inf)",
+          "accum_iter": "[1, inf)", "epochs": "[1, inf)", "synthetic_size": "[1, inf)",
+          "max_images": "[1, inf)", "labels_per_class": "[1, inf)", "save_every": "[0, inf)",
+          "eval_every": "[0, inf)", "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+          "weight_decay": "[0, inf)", "layer_decay": "(0, 1]", "clip_grad": "[0, inf)",
+          "drop_path": "[0, 1)", "head_init_std": "[0, inf)", "min_crop_scale": "(0, 1]",
+          "rand_aug": "[0, 10]", "rand_aug_std": "[0, inf)", "color_jitter": "[0, inf)",
+          "mixup": "[0, inf)", "cutmix": "[0, inf)", "smoothing": "[0, 1)", "reprob": "[0, 1]",
+          "subset_seed": "[0, 4294967295]"}
 
 
 def validate(args, parser):
@@ -670,7 +658,7 @@ def train(args):
     plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_compile = plumbing.compile_wanted(args.compile, device)
     plumbing.seed_everything(args.seed)
     val_set = data.build_dataset(args.data, args.data_root, "val",
                                  data.eval_transform(args.img_size), args.download,

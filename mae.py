@@ -378,17 +378,7 @@ def get_parser():
                         "papers' code: cls and mask tokens are decayed)")
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the gradient norm to this value (none or 0: no clipping)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading processes per GPU")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on GPUs that have it, fp16 with loss "
-                        "scaling on older GPUs, fp32 on CPU)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on for CUDA)")
-    p.add_argument("--out-dir", default="out/mae", help="where checkpoints, log and PNG go")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint to continue from exactly; flags not given take its run's "
-                        "(auto: --out-dir's checkpoint.pth if there is one, else start)")
+    plumbing.add_run_flags(p, "out/mae")
     p.add_argument("--init", default=None,
                    help="warm start: weights of an encoder or encoder + decoder checkpoint (ours, "
                         "FAIR's, MAE-Lite's, timm's .safetensors), with a fresh optimizer and "
@@ -398,8 +388,6 @@ def get_parser():
                         "pickle can run code); by default only tensors and argparse.Namespace")
     p.add_argument("--save-every", type=int, default=20,
                    help="also keep checkpoint-<epoch>.pth every this many epochs")
-    p.add_argument("--log-every", type=int, default=20, help="log every this many steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 
 
@@ -468,14 +456,14 @@ def parse_args(argv=None):
 
 
 # The range of every numeric flag (plumbing.check_ranges); the rules between flags follow.
-RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "decoder_dim": "[1, inf)",
+RANGES = {**plumbing.RUN_RANGES,
+          "img_size": "[1, inf)", "patch_size": "[1, inf)", "decoder_dim": "[1, inf)",
           "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "batch_size": "[1, inf)",
           "accum_iter": "[1, inf)", "epochs": "[1, inf)", "save_every": "[1, inf)",
-          "log_every": "[1, inf)", "synthetic_size": "[1, inf)", "max_images": "[1, inf)",
-          "num_workers": "[0, inf)", "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
-          "weight_decay": "[0, inf)", "clip_grad": "[0, inf)", "min_crop_scale": "(0, 1]",
-          "student_drop_path": "[0, 1)", "student_color_jitter": "[0, inf)",
-          "distill_weight": "(0, inf)", "seed": "[0, 4294967295]"}
+          "synthetic_size": "[1, inf)", "max_images": "[1, inf)", "blr": "(0, inf)",
+          "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+          "clip_grad": "[0, inf)", "min_crop_scale": "(0, 1]", "student_drop_path": "[0, 1)",
+          "student_color_jitter": "[0, inf)", "distill_weight": "(0, inf)"}
 
 
 def validate(args, parser):
@@ -658,7 +646,7 @@ def train(args):
     plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_compile = plumbing.compile_wanted(args.compile, device)
     os.makedirs(args.out_dir, exist_ok=True)
     last_path = os.path.join(args.out_dir, "checkpoint.pth")
     log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)

@@ -215,31 +215,19 @@ def get_parser():
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay, on every parameter (as the papers' code)")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clip (0: off)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading processes per GPU")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on GPUs that have it, fp16 with loss "
-                        "scaling on older GPUs, fp32 on CPU)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model (auto: on for CUDA)")
-    p.add_argument("--out-dir", default="out/moco", help="checkpoints, log.jsonl, curves.png")
-    p.add_argument("--resume", default=None,
-                   help="continue a run exactly from its checkpoint.pth (auto: --out-dir's if "
-                        "there is one, else start)")
+    plumbing.add_run_flags(p, "out/moco")
     p.add_argument("--save-every", type=int, default=20, help="also keep checkpoint-<epoch>.pth")
-    p.add_argument("--log-every", type=int, default=20, help="log every this many steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     return p
 
 
 DEMO_DEFAULTS = dict(img_size=32, patch_size=4, batch_size=64, epochs=8, warmup_epochs=1)
-RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "mlp_dim": "[1, inf)",
+RANGES = {**plumbing.RUN_RANGES,
+          "img_size": "[1, inf)", "patch_size": "[1, inf)", "mlp_dim": "[1, inf)",
           "out_dim": "[1, inf)", "temperature": "(0, inf)", "momentum": "[0, 1]",
           "min_crop_scale": "(0, 1]", "synthetic_size": "[1, inf)", "max_images": "[1, inf)",
           "batch_size": "[2, inf)", "accum_iter": "[1, inf)", "epochs": "[1, inf)",
           "blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
-          "clip_grad": "[0, inf)", "num_workers": "[0, inf)", "save_every": "[1, inf)",
-          "log_every": "[1, inf)", "seed": "[0, 4294967295]"}
+          "clip_grad": "[0, inf)", "save_every": "[1, inf)"}
 # Flags a --resume must share with the run it continues.
 ARCH_ARGS = ("model", "img_size", "patch_size", "mlp_dim", "out_dim", "frozen_patch_embed")
 
@@ -285,7 +273,7 @@ def train(args):
     plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_compile = plumbing.compile_wanted(args.compile, device)
     os.makedirs(args.out_dir, exist_ok=True)
     last_path = os.path.join(args.out_dir, "checkpoint.pth")
     log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)

@@ -71,6 +71,34 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def add_run_flags(parser, out_dir):
+    """The flags every training script shares (mae.py, finetune.py, moco.py): data workers,
+    precision, compile, output folder, --resume (with auto), logging and seed."""
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="data-loading processes per GPU")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast precision (auto: bf16 on GPUs that have it, fp16 with "
+                             "loss scaling on older GPUs, fp32 on CPU)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="torch.compile the model (auto: on for CUDA)")
+    parser.add_argument("--out-dir", default=out_dir,
+                        help="checkpoints, log.jsonl and the run's pictures")
+    parser.add_argument("--resume", default=None,
+                        help="continue a run exactly from a checkpoint.pth; flags not given take "
+                             "its run's (auto: --out-dir's if there is one, else start)")
+    parser.add_argument("--log-every", type=int, default=20, help="log every this many steps")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+# The ranges of add_run_flags' numeric flags (check_ranges).
+RUN_RANGES = {"num_workers": "[0, inf)", "log_every": "[1, inf)", "seed": "[0, 4294967295]"}
+
+
+def compile_wanted(setting, device):
+    """--compile on, or auto on a CUDA device."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def resolve_precision(precision, device):
     """The autocast precision to run: 'auto' is bf16 on a CUDA GPU that computes it natively
     (Ampere and newer), fp16 with loss scaling on older GPUs (V100, T4, which lack bf16), fp32
