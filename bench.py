@@ -187,6 +187,7 @@ def bench_models(args, device):
                                  else None))
                 print(f"  {name} compile={use_compile} {precision}: "
                       f"{rows[-1]['images_per_s']:.0f} images/s", flush=True)
+                save(args, device, rows, [])  # row by row: a run stopped midway keeps its rows
                 if keep:
                     kept_steps[(name, use_compile, precision)] = step
         del module
@@ -366,11 +367,19 @@ def main(argv=None):
     rows = bench_models(args, device)
     loader_rows = bench_loaders(args, device) if args.jpegs > 0 else []
     print_table(rows, loader_rows, device)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": str(device), "torch": torch.__version__, "args": vars(args),
-                       "steps": rows, "loaders": loader_rows}, f, indent=1)
+    save(args, device, rows, loader_rows)
     return rows, loader_rows
+
+
+def save(args, device, rows, loader_rows):
+    """Write the results so far to --out (if given), atomically."""
+    if not args.out:
+        return
+    with open(args.out + ".tmp", "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else "cpu", "torch": torch.__version__, "args": vars(args), "steps": rows,
+                   "loaders": loader_rows}, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":

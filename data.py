@@ -518,24 +518,42 @@ def decode_with_pil(blob):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
+def is_whole_jpeg(blob):
+    """True for a byte tensor that starts with JPEG's SOI marker (FF D8) and ends with its EOI
+    marker (FF D9; zero padding after it allowed). nvJPEG decodes a truncated JPEG without an
+    error, the missing rows grey (seen on an H100), where libjpeg and PIL refuse it: checking the
+    ends first makes the device loader skip such a file on every device alike."""
+    b = blob.numpy()
+    end = len(b)
+    while end > 4 and b[end - 1] == 0:
+        end -= 1
+    return end >= 4 and b[0] == 0xFF and b[1] == 0xD8 and b[end - 2] == 0xFF and b[end - 1] == 0xD9
+
+
 def decode_images(blobs, device):
-    """Decode a batch of encoded images to upright RGB uint8 (3, H, W) tensors on `device`: all
-    JPEGs in one batched call (decode_jpegs); if that fails, one by one, other formats through
-    PIL. Returns (images, ok) with None for an undecodable blob."""
+    """Decode a batch of encoded images to upright RGB uint8 (3, H, W) tensors on `device`: the
+    whole JPEGs in one batched call (decode_jpegs; one by one if that call fails), everything
+    else (other formats, JPEGs with data after EOI, broken files) through PIL on the CPU, which
+    refuses a truncated file. Returns (images, ok) with None for an undecodable blob."""
+    images = [None] * len(blobs)
+    jpegs = [i for i, blob in enumerate(blobs) if is_whole_jpeg(blob)]
     try:
-        return decode_jpegs(blobs, device), [True] * len(blobs)
-    except RuntimeError:  # a non-JPEG or a corrupt file somewhere in the batch
-        pass
-    images = []
-    for blob in blobs:
-        try:
-            images.append(decode_jpegs([blob], device)[0])
-        except RuntimeError:
+        decoded = decode_jpegs([blobs[i] for i in jpegs], device) if jpegs else []
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+    except RuntimeError:  # a corrupt file among them: one by one
+        for i in jpegs:
             try:
-                images.append(decode_with_pil(blob).to(device))
+                images[i] = decode_jpegs([blobs[i]], device)[0]
+            except RuntimeError:
+                pass
+    for i, blob in enumerate(blobs):
+        if images[i] is None:
+            try:
+                images[i] = decode_with_pil(blob).to(device)
             except Exception:  # PIL's errors vary by format
-                images.append(None)
-    return images, [img is not None for img in images]
+                pass
+    return images, [image is not None for image in images]
 
 
 def device_augment(images, img_size, min_scale, interpolation="bicubic"):

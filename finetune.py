@@ -655,6 +655,7 @@ def checkpoint_num_classes(path, trust=False):
 def train(args):
     """One fine-tuning run (or --eval). Returns the final evaluation plus the best top-1."""
     rank, world_size, device = plumbing.setup_distributed()
+    plumbing.use_deterministic(args.deterministic)
     plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
@@ -726,7 +727,8 @@ def train(args):
     plumbing.print0(f"{args.model} {args.recipe} | {trainable / 1e6:.2f}M trainable params | "
                     f"{args.data}: {len(train_set)} train / {len(val_set)} val, {num_classes} "
                     f"classes, {args.img_size}px | {device}, {precision}, compile {use_compile}, "
-                    f"{world_size} process(es) | batch {eff_batch}, {args.opt} lr {lr:.2e}")
+                    f"{plumbing.processes_text(world_size)} | batch {eff_batch}, {args.opt} "
+                    f"lr {lr:.2e}")
     if args.rand_aug > 0 and args.color_jitter > 0:
         plumbing.print0("note: colour jitter is off while RandAugment is on (timm's behaviour)")
 

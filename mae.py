@@ -229,8 +229,14 @@ class HieraMAE(Hiera):
         B = keep.shape[0]
         u = self.unit_final
         Dd = x.shape[-1]
-        full = self.mask_token.to(x.dtype).expand(B, self.num_units, u * u, Dd).clone()
-        full[keep] = x.reshape(-1, u * u, Dd)  # kept units, in unit order, into their slots
+        K = x.shape[1]
+        # the K kept units' indices in unit order (a stable sort puts the True ones first, in
+        # order): a fixed-size scatter, where full[keep] = ... would need nonzero(), a
+        # data-dependent shape that breaks torch.compile's graph
+        kept = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :K]  # (B, K)
+        full = self.mask_token.to(x.dtype).expand(B, self.num_units, u * u, Dd)
+        full = full.scatter(1, kept[:, :, None, None].expand(B, K, u * u, Dd),
+                            x.reshape(B, K, u * u, Dd))  # kept units into their slots
         mh, mw = self.mask_grid
         x = full.view(B, mh, mw, u, u, Dd).permute(0, 1, 3, 2, 4, 5).reshape(B, -1, Dd)  # raster
         x = x + self.decoder_pos_embed
@@ -643,6 +649,7 @@ def checkpoint_state(module, student, optimizer, scaler, epoch, step, args, bad_
 
 def train(args):
     rank, world_size, device = plumbing.setup_distributed()
+    plumbing.use_deterministic(args.deterministic)
     plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
@@ -708,7 +715,8 @@ def train(args):
     warmup_steps = args.warmup_epochs * steps_per_epoch
     plumbing.print0(f"{args.model} MAE | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M"
                     f" params | {args.data}: {len(dataset)} images, {args.img_size}px | device "
-                    f"{device}, {precision}, compile {use_compile}, {world_size} process(es) | "
+                    f"{device}, {precision}, compile {use_compile}, "
+                    f"{plumbing.processes_text(world_size)} | "
                     f"batch {eff_batch}, lr {lr:.2e}, {total_steps} steps")
     loss_sums = 0
     loss_count = 0

@@ -270,6 +270,7 @@ def build_moco(args):
 
 def train(args):
     rank, world_size, device = plumbing.setup_distributed()
+    plumbing.use_deterministic(args.deterministic)
     plumbing.check_same_resume(args.resume)
     is_main = rank == 0
     precision = plumbing.resolve_precision(args.precision, device)
@@ -319,7 +320,7 @@ def train(args):
     plumbing.print0(f"{args.model} MoCo-v3 | {params / 1e6:.2f}M backbone params | "
                     f"{args.data}: {len(dataset)} images, "
                     f"{args.img_size}px | {device}, {precision}, compile {use_compile}, "
-                    f"{world_size} process(es) | batch {eff_batch}, lr {lr:.2e}, "
+                    f"{plumbing.processes_text(world_size)} | batch {eff_batch}, lr {lr:.2e}, "
                     f"{total_steps} steps")
     loss_sum, loss_count, t0 = 0.0, 0, time.time()
     for epoch in range(start_epoch, args.epochs):

@@ -140,7 +140,10 @@ class Attention(nn.Module):
         if num_tokens != index.shape[0]:
             raise ValueError(f"relative position bias is defined for {index.shape[0]} tokens "
                              f"(cls + full grid), got {num_tokens}: it works on unmasked images")
-        return self.relative_position_bias_table[index].permute(2, 0, 1)  # (N, N, h) -> (h, N, N)
+        # (N, N, h) -> (h, N, N), made contiguous: the GPU's fused SDPA kernels take an additive
+        # mask only with stride 1 in its last dimension, else SDPA falls back to its slow math
+        # kernel (seen on the H100: "attn_mask's last dimension to have stride 1")
+        return self.relative_position_bias_table[index].permute(2, 0, 1).contiguous()
 
     def forward(self, x, return_logits=False):
         B, N, D = x.shape

@@ -31,16 +31,36 @@ def default_device():
 
 
 def setup_distributed():
-    """Returns (rank, world_size, device). Uses DDP when launched by torchrun (WORLD_SIZE > 1):
-    NCCL on CUDA, gloo on CPU. The device is default_device()."""
+    """Returns (rank, world_size, device). Uses DDP when launched by torchrun (one process too,
+    so `torchrun --nproc_per_node 1` runs the multi-GPU code path): NCCL on CUDA, gloo on CPU.
+    The device is default_device()."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
+
+
+def processes_text(world_size):
+    """'2 process(es) (DDP over nccl)' for the scripts' start-up line."""
+    backend = f" (DDP over {dist.get_backend()})" if dist.is_initialized() else ""
+    return f"{world_size} process(es){backend}"
+
+
+def use_deterministic(enabled):
+    """--deterministic: deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS's
+    fixed workspace, no cuDNN autotuning), so that on a GPU a resumed run repeats the
+    uninterrupted one step for step (on the CPU it already does). Slower; an op with no
+    deterministic kernel stops the run with PyTorch's message naming it."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def check_same_resume(resume):
@@ -88,6 +108,9 @@ def add_run_flags(parser, out_dir):
                              "its run's (auto: --out-dir's if there is one, else start)")
     parser.add_argument("--log-every", type=int, default=20, help="log every this many steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels (slower): a resumed run then repeats "
+                             "the uninterrupted one exactly on a GPU too")
 
 
 # The ranges of add_run_flags' numeric flags (check_ranges).

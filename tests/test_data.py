@@ -163,6 +163,26 @@ def test_device_decoding_is_upright_as_the_pil_path(tmp_path, monkeypatch, backe
     assert [i.shape[1:] for i in images] == [(20, 30), (20, 30), (30, 20), (30, 20)]
 
 
+def test_a_truncated_jpeg_is_skipped_before_the_batched_decoder(tmp_path, monkeypatch):
+    # nvJPEG decodes a truncated JPEG into grey rows without an error (seen on an H100), so such
+    # a file must never reach decode_jpegs; PIL then refuses it, as libjpeg does on the CPU
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(buffer, "JPEG")
+    whole = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    padded = torch.cat([whole, torch.zeros(7, dtype=torch.uint8)])
+    truncated = whole[:len(whole) // 2].clone()
+    assert data.is_whole_jpeg(whole) and data.is_whole_jpeg(padded)
+    assert not data.is_whole_jpeg(truncated)
+    assert not data.is_whole_jpeg(torch.zeros(3, dtype=torch.uint8))
+    seen = []
+    real = data.decode_jpegs
+    monkeypatch.setattr(data, "decode_jpegs", lambda blobs, device: seen.extend(blobs) or
+                        real(blobs, device))
+    images, ok = data.decode_images([whole, truncated, padded], torch.device("cpu"))
+    assert ok == [True, False, True] and images[1] is None
+    assert len(seen) == 2 and all(data.is_whole_jpeg(b) for b in seen)  # one batch of two
+
+
 def test_device_loader_matches_the_classic_path(tmp_path, capsys):
     write_image_folder(tmp_path / "train", per_class=5, corrupt=1)  # 11 files, one broken
     Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "train" / "dog" / "x.png")

@@ -255,3 +255,36 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert all(r["images"] == 4 for r in loaders)  # one full batch of 4 of the 6 JPEGs
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["steps"]) == len(rows)
+
+
+def test_one_process_under_torchrun_still_uses_ddp(monkeypatch):
+    # `torchrun --nproc_per_node 1` runs the multi-GPU code path (DDP, all-gathers): it is how
+    # the NCCL path is tested on one GPU (tests/test_cuda.py); gloo here
+    import socket
+
+    import torch.distributed as dist
+
+    import plumbing
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(TORCHELASTIC_RUN_ID="t", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert plumbing.setup_distributed() == (0, 1, torch.device("cpu"))
+        assert dist.is_initialized()
+        assert plumbing.processes_text(1) == "1 process(es) (DDP over gloo)"
+    finally:
+        plumbing.cleanup_distributed()
+    assert plumbing.processes_text(1) == "1 process(es)"
+
+
+def test_deterministic_flag_turns_deterministic_kernels_on(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored after the test
+    try:
+        mae.main(RUN + ["--epochs", "1", "--deterministic", "--out-dir", str(tmp_path)])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
