@@ -377,7 +377,7 @@ def moco_claims(results, acc, noise, diag, per_layer):
 # Outputs
 
 
-def write_outputs(results, p, preset, root, total_seconds):
+def write_outputs(results, p, preset, root, total_seconds, version):
     students = list(STUDENTS) + (["tinymim"] if p["relation"] else [])
     acc, claims = check_claims(results, p, students)
     figures = os.path.join(root, "figures")
@@ -398,7 +398,7 @@ def write_outputs(results, p, preset, root, total_seconds):
     for png in ("attn_distance.png", "attn_entropy.png"):
         shutil.copy(os.path.join(root, "attention", png), os.path.join(figures, png))
 
-    summary = {"preset": preset, "settings": p, "code_version": code_version(),
+    summary = {"preset": preset, "settings": p, "code_version": version,
                "hardware": hardware(), "total_seconds": total_seconds, "stages": results,
                "accuracy": acc, "claims": claims}
     with open(os.path.join(root, "results.json"), "w") as f:
@@ -489,6 +489,7 @@ def main(argv=None):
     stages = stage_list(p, args.out_dir, args.data_root)
     expected = {name: images / p["rate"] for name, _, _, images in stages}
     results, started = {}, time.time()
+    version = code_version()  # of the code imported now: later commits do not change this run
     try:
         for i, (name, script, argv, _) in enumerate(stages, start=1):
             folder = os.path.join(args.out_dir, name)
@@ -504,7 +505,7 @@ def main(argv=None):
                   flush=True)
             seconds, numbers = run_stage(name, script, argv, args.out_dir)
             results[name] = {"command": command, "seconds": seconds, "numbers": numbers,
-                             "seed": seed_of(argv), "code_version": code_version(),
+                             "seed": seed_of(argv), "code_version": version,
                              "hardware": hardware()}
             with open(marker + ".tmp", "w") as f:
                 json.dump(results[name], f)
@@ -512,7 +513,7 @@ def main(argv=None):
             print(f"[{i}/{len(stages)}] {name}: done in {seconds:.0f} s "
                   f"(study so far {(time.time() - started) / 60:.1f} min)", flush=True)
         total = sum(r["seconds"] for r in results.values())
-        claims = write_outputs(results, p, args.preset, args.out_dir, total)
+        claims = write_outputs(results, p, args.preset, args.out_dir, total, version)
     except StudyError as e:
         sys.exit(f"error: {e}")
     for c in claims:
