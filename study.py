@@ -15,7 +15,7 @@ alone (printed in the log), and writes into out/study/<stage>/:
      randomly initialised one;
   3. downstream on the test images: fine-tuning with many labels (data-sufficient) and with 60
      per class over several fixed subsets (data-insufficient), linear probing, and the reserved
-     blocks study (MAE-Tiny with only its first k blocks kept);
+     blocks study (MAE-Tiny and MoCo-v3-Tiny with only their first k blocks kept);
   4. analyses: layer-wise CKA against the supervised reference and the teacher, attention
      distance and entropy.
 Then out/study/results.json (every number with its command, seed, code version, hardware and
@@ -76,6 +76,7 @@ PRESETS = {
 }
 IMAGE = ["--data", "fashion_mnist", "--img-size", "28", "--patch-size", "4"]
 STUDENTS = ("mae", "dmae", "d2mae")  # (+ "tinymim" when the preset has relation=True)
+RESERVED = ("mae", "moco")  # the models of the reserved-blocks study (000 Fig. 2-3)
 NAMES = {"scratch": "scratch", "mae": "MAE-Tiny", "dmae": "D-MAE-Tiny", "d2mae": "D2-MAE-Tiny",
          "tinymim": "TinyMIM-Tiny", "moco": "MoCo-v3-Tiny", "teacher": "MAE teacher",
          "random": "random init"}
@@ -142,13 +143,14 @@ def stage_list(p, root, data_root):
                         str(p["probe_epochs"]), "--warmup-epochs", "1", "--batch-size",
                         str(p["batch"])], 10 * p["sufficient_per_class"] * p["probe_epochs"]
                        + n_test))
-    for k in p["reserved"]:
-        keep = ["--init", ckpt("pretrain_mae"), "--keep-blocks", str(k)]
-        stages.append((f"reserved{k}_sufficient", "finetune", keep + sufficient,
-                       2 * n_suff + n_test))
-        for seed in p["reserved_seeds"]:
-            stages.append((f"reserved{k}_scarce_s{seed}", "finetune", keep + scarce(seed),
-                           2 * n_scarce + n_test))
+    for init in RESERVED:
+        for k in p["reserved"]:
+            keep = ["--init", ckpt(f"pretrain_{init}"), "--keep-blocks", str(k)]
+            stages.append((reserved_stage(init, k, "sufficient"), "finetune", keep + sufficient,
+                           2 * n_suff + n_test))
+            for seed in p["reserved_seeds"]:
+                stages.append((reserved_stage(init, k, f"scarce_s{seed}"), "finetune",
+                               keep + scarce(seed), 2 * n_scarce + n_test))
     analysis = IMAGE + (["--data-root", data_root] if data_root else []) + \
         ["--num-images", str(p["analysis_images"]), "--batch-size", "64"]
     supervised = ckpt("sufficient_scratch")
@@ -167,6 +169,24 @@ def stage_list(p, root, data_root):
                    5 * p["analysis_images"]))
     return [(name, script, argv + ["--out-dir", os.path.join(root, name)], images)
             for name, script, argv, images in stages]
+
+
+def reserved_stage(init, k, regime):
+    """The stage of a reserved-blocks run: 'reserved4_sufficient' for MAE-Tiny (the names of
+    the first studies, so their finished stages are kept), 'reserved4_moco_scarce_s0' for
+    MoCo-v3-Tiny."""
+    return f"reserved{k}_{'' if init == 'mae' else init + '_'}{regime}"
+
+
+def reserved_accuracies(results, p, acc, init):
+    """{k: top-1} data-sufficient and with 60 labels a class (mean over the reserved seeds) of
+    `init` with blocks 1..k kept, k = 12 being the whole model's fine-tuning."""
+    suff = {k: results[reserved_stage(init, k, "sufficient")]["numbers"]["top1"]
+            for k in p["reserved"]}
+    scarce = {k: statistics.mean(results[reserved_stage(init, k, f"scarce_s{s}")]["numbers"]
+                                 ["top1"] for s in p["reserved_seeds"]) for k in p["reserved"]}
+    suff[12], scarce[12] = acc[init]["sufficient"], acc[init]["scarce"][0]
+    return suff, scarce
 
 
 def cka_references(model, p):
@@ -252,10 +272,7 @@ def check_claims(results, p, students):
                                 f"{len(p['seeds'])}); noise ±{noise:.2f}"))
     # 2. reserved blocks
     ks = sorted(p["reserved"])
-    suff = {k: results[f"reserved{k}_sufficient"]["numbers"]["top1"] for k in ks}
-    scarce = {k: statistics.mean(results[f"reserved{k}_scarce_s{s}"]["numbers"]["top1"]
-                                 for s in p["reserved_seeds"]) for k in ks}
-    suff[12], scarce[12] = acc["mae"]["sufficient"], acc["mae"]["scarce"][0]
+    suff, scarce = reserved_accuracies(results, p, acc, "mae")
     k_low = min([k for k in ks if k > 0] or [12])  # the fewest kept blocks besides none
     gain_suff, gain_scarce = suff[12] - suff[0], scarce[12] - scarce[0]
     frac_suff = (suff[k_low] - suff[0]) / gain_suff if gain_suff else float("nan")
@@ -414,14 +431,15 @@ def write_outputs(results, p, preset, root, total_seconds, version):
         lines.append(f"| {NAMES[init]} | {acc[init]['sufficient']:.2f} | {m:.2f} ± {s:.2f} "
                      f"({', '.join(f'{x:.1f}' for x in per)}) | "
                      f"{'–' if probe is None else f'{probe:.2f}'} |")
-    lines += ["", "Reserved blocks (MAE-Tiny, blocks 1..k kept, the rest re-initialised):", "",
-              "| k | data-sufficient | 60 labels a class |", "| --- | --- | --- |"]
-    for k in sorted(p["reserved"]):
-        sc = statistics.mean(results[f"reserved{k}_scarce_s{s}"]["numbers"]["top1"]
-                             for s in p["reserved_seeds"])
-        lines.append(f"| {k} | {results[f'reserved{k}_sufficient']['numbers']['top1']:.2f} | "
-                     f"{sc:.2f} |")
-    lines.append(f"| 12 | {acc['mae']['sufficient']:.2f} | {acc['mae']['scarce'][0]:.2f} |")
+    lines += ["", "Reserved blocks (blocks 1..k kept, the rest re-initialised; 60 labels a class: "
+              f"mean over seeds {', '.join(map(str, p['reserved_seeds']))}, k = 12 over all):",
+              "", "| k | " + " | ".join(f"{NAMES[i]}, data-sufficient | {NAMES[i]}, 60 labels a "
+                                        "class" for i in RESERVED) + " |",
+              "| --- |" + " --- | --- |" * len(RESERVED)]
+    tables = [reserved_accuracies(results, p, acc, i) for i in RESERVED]
+    for k in sorted(p["reserved"]) + [12]:
+        lines.append(f"| {k} | " + " | ".join(f"{suff[k]:.2f} | {scarce[k]:.2f}"
+                                              for suff, scarce in tables) + " |")
     lines += ["", "CKA (diagonal, mean of the last four layers):", ""]
     for s in students + ["moco"]:
         for ref, _ in cka_references(s, p):

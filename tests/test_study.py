@@ -30,9 +30,12 @@ def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, c
         assert stage["command"].startswith("python ") and stage["seconds"] >= 0, name
     assert set(results["accuracy"]) == {"scratch", "mae", "dmae", "d2mae", "tinymim", "moco"}
     assert results["stages"]["pretrain_moco"]["numbers"]["steps"] == 2
+    assert {"reserved8_sufficient", "reserved8_moco_sufficient", "reserved0_moco_scarce_s0"} \
+        <= set(results["stages"])  # MAE-Tiny's and MoCo-v3-Tiny's reserved blocks
     assert results["stages"]["pretrain_mae"]["numbers"]["steps"] == 2  # --max-images 64, batch 32
     md = open(os.path.join(out, "results.md")).read()
     assert "## Claims" in md and md.count("**") == 16
+    assert "| 8 | " in md and "MoCo-v3-Tiny, data-sufficient" in md
     for png in ("pretrain.png", "finetune.png", "attn_distance.png", "attn_entropy.png",
                 "cka_mae_vs_supervised.png", "cka_d2mae_vs_teacher.png"):
         assert os.path.getsize(os.path.join(out, "figures", png)) > 0, png
