@@ -187,7 +187,7 @@ def bench_models(args, device):
                                  else None))
                 print(f"  {name} compile={use_compile} {precision}: "
                       f"{rows[-1]['images_per_s']:.0f} images/s", flush=True)
-                save(args, device, rows, [])  # row by row: a run stopped midway keeps its rows
+                save(args, device, rows, loader_rows=[])  # row by row: a run stopped midway keeps its rows
                 if keep:
                     kept_steps[(name, use_compile, precision)] = step
         del module
@@ -377,7 +377,7 @@ def save(args, device, rows, loader_rows):
         return
     with open(args.out + ".tmp", "w") as f:
         json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else "cpu", "torch": torch.__version__, "args": vars(args), "steps": rows,
+                   else str(device), "torch": torch.__version__, "args": vars(args), "steps": rows,
                    "loaders": loader_rows}, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
 

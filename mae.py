@@ -230,10 +230,11 @@ class HieraMAE(Hiera):
         u = self.unit_final
         Dd = x.shape[-1]
         K = x.shape[1]
-        # the K kept units' indices in unit order (a stable sort puts the True ones first, in
-        # order): a fixed-size scatter, where full[keep] = ... would need nonzero(), a
-        # data-dependent shape that breaks torch.compile's graph
-        kept = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :K]  # (B, K)
+        # the K kept units' indices in unit order (removed units sort last as num_units): a
+        # fixed-size scatter, where full[keep] = ... would need nonzero(), a data-dependent
+        # shape that breaks torch.compile's graph
+        units = torch.arange(self.num_units, device=keep.device).expand(B, -1)
+        kept = torch.where(keep, units, self.num_units).sort(dim=1).values[:, :K]  # (B, K)
         full = self.mask_token.to(x.dtype).expand(B, self.num_units, u * u, Dd)
         full = full.scatter(1, kept[:, :, None, None].expand(B, K, u * u, Dd),
                             x.reshape(B, K, u * u, Dd))  # kept units into their slots

@@ -3,6 +3,7 @@
 Device and precision, torch.compile, DDP under torchrun, seeding, AdamW parameter groups,
 the warmup + cosine schedule, atomic checkpoints and the JSONL log.
 """
+import argparse
 import contextlib
 import json
 import math
@@ -108,9 +109,10 @@ def add_run_flags(parser, out_dir):
                              "its run's (auto: --out-dir's if there is one, else start)")
     parser.add_argument("--log-every", type=int, default=20, help="log every this many steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--deterministic", action="store_true",
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                         help="deterministic GPU kernels (slower): a resumed run then repeats "
-                             "the uninterrupted one exactly on a GPU too")
+                             "the uninterrupted one exactly on a GPU too (a resume keeps the "
+                             "run's setting unless given)")
 
 
 # The ranges of add_run_flags' numeric flags (check_ranges).

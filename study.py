@@ -1,7 +1,7 @@
 """study.py: the papers' study in miniature, on real images, in one command.
 
     python study.py --preset smoke       # tiny, under 2 minutes on 2 CPU cores (the CI test)
-    python study.py --preset cpu         # the reduced study, about 80 minutes on 2 CPU cores
+    python study.py --preset cpu         # the reduced study, about 2 hours on 2 CPU cores
     python study.py --preset gpu         # one H100, ~18 minutes: all 60k images, ViT-B teacher
 
 Fashion-MNIST (apt-get install dataset-fashion-mnist) at 28 px with 4-px patches (a 7 x 7 token
@@ -23,8 +23,9 @@ wall time), results.md (tables and the verdict on each claim of the papers) and 
 
 No setting is chosen by looking at test accuracy: each preset is fixed before it runs, and the
 fine-tuning runs are evaluated once, after their last epoch (--eval-every 0).
-A stage whose stage.json exists is skipped (--fresh redoes everything); a stage without it (an
-interrupted one) is deleted and redone, so the study continues where it stopped.
+A stage whose stage.json exists is skipped when it ran with the command it has now and reads
+nothing redone in this call (--fresh redoes everything); any other (interrupted, or made stale
+by a changed preset) is deleted and redone, so the study continues where it stopped.
 """
 import argparse
 import json
@@ -508,17 +509,26 @@ def main(argv=None):
     expected = {name: images / p["rate"] for name, _, _, images in stages}
     results, started = {}, time.time()
     version = code_version()  # of the code imported now: later commits do not change this run
+    redone = set()  # stages run in this call: the stages that read their outputs are redone too
     try:
         for i, (name, script, argv, _) in enumerate(stages, start=1):
             folder = os.path.join(args.out_dir, name)
             marker = os.path.join(folder, "stage.json")
-            if os.path.isfile(marker) and not args.fresh:
-                results[name] = read_json(marker)
-                print(f"[{i}/{len(stages)}] {name}: done before ({results[name]['seconds']:.0f} s),"
-                      " skipped", flush=True)
-                continue
-            shutil.rmtree(folder, ignore_errors=True)  # half-written or --fresh: redo it
             command = f"python {script}.py " + " ".join(argv)
+            inputs = sorted(n for n in redone if os.path.join(args.out_dir, n, "") in command)
+            if os.path.isfile(marker) and not args.fresh:
+                done = read_json(marker)
+                if done["command"] == command and not inputs:
+                    results[name] = done
+                    print(f"[{i}/{len(stages)}] {name}: done before ({done['seconds']:.0f} s), "
+                          "skipped", flush=True)
+                    continue
+                why = f"reads {', '.join(inputs)}, redone now" if inputs else \
+                    "ran with another command than this preset's now"
+                print(f"[{i}/{len(stages)}] {name}: done before but {why}: redoing it",
+                      flush=True)
+            shutil.rmtree(folder, ignore_errors=True)  # half-written, stale or --fresh: redo it
+            redone.add(name)
             print(f"[{i}/{len(stages)}] {name}: {command}  (expected ~{expected[name]:.0f} s)",
                   flush=True)
             seconds, numbers = run_stage(name, script, argv, args.out_dir)

@@ -226,3 +226,26 @@ def test_hiera_mae_under_torchrun_on_cpu(tmp_path):
     assert "2 process(es)" in result.stdout
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2]  # 32 images / (8 x 2 processes)
+
+
+def test_decoder_places_the_kept_units_as_boolean_indexing_and_compiles_whole():
+    # forward_decoder scatters by index (no nonzero(): torch.compile keeps one graph); the
+    # oracle is the plain boolean assignment it replaced
+    torch.manual_seed(0)
+    model = mae.HieraMAE(embed_dim=8, num_heads=1, stages=(1, 1, 2, 1), img_size=64,
+                         decoder_dim=16, decoder_heads=2)
+    latent, keep, _, _ = model.forward_encoder(torch.randn(3, 3, 64, 64), 0.5)
+    x = model.decoder_embed(latent)  # (B, K, u, u, Dd)
+    B, u, Dd = keep.shape[0], model.unit_final, x.shape[-1]
+    expected = model.mask_token.expand(B, model.num_units, u * u, Dd).clone()
+    expected[keep] = x.reshape(-1, u * u, Dd)
+    captured = {}
+    model.decoder_blocks[0].register_forward_pre_hook(
+        lambda module, args: captured.setdefault("x", args[0]))
+    model.forward_decoder(latent, keep)
+    mh, mw = model.mask_grid
+    placed = (captured["x"] - model.decoder_pos_embed).view(B, mh, u, mw, u, Dd)
+    placed = placed.permute(0, 1, 3, 2, 4, 5).reshape(B, model.num_units, u * u, Dd)
+    torch.testing.assert_close(placed, expected)
+    compiled = torch.compile(model.forward_decoder, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(latent, keep), model.forward_decoder(latent, keep))

@@ -271,6 +271,7 @@ def test_one_process_under_torchrun_still_uses_ddp(monkeypatch):
     for name, value in dict(TORCHELASTIC_RUN_ID="t", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0",
                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(plumbing, "default_device", lambda: torch.device("cpu"))  # GPU hosts too
     try:
         assert plumbing.setup_distributed() == (0, 1, torch.device("cpu"))
         assert dist.is_initialized()
@@ -281,10 +282,18 @@ def test_one_process_under_torchrun_still_uses_ddp(monkeypatch):
 
 
 def test_deterministic_flag_turns_deterministic_kernels_on(tmp_path, monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored after the test
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")  # so that monkeypatch restores it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    before = torch.are_deterministic_algorithms_enabled()
     try:
         mae.main(RUN + ["--epochs", "1", "--deterministic", "--out-dir", str(tmp_path)])
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        # a resumed run keeps the flag unless told otherwise (--no-deterministic)
+        args = mae.parse_args(["--resume", str(tmp_path / "checkpoint.pth")])
+        assert args.deterministic
+        args = mae.parse_args(["--resume", str(tmp_path / "checkpoint.pth"),
+                               "--no-deterministic"])
+        assert not args.deterministic
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(before)

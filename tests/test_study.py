@@ -39,13 +39,25 @@ def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, c
     for png in ("pretrain.png", "finetune.png", "attn_distance.png", "attn_entropy.png",
                 "cka_mae_vs_supervised.png", "cka_d2mae_vs_teacher.png"):
         assert os.path.getsize(os.path.join(out, "figures", png)) > 0, png
-    # a second run skips every stage; one whose stage.json is missing is redone
+    # a second run skips every stage; one whose stage.json is missing is redone, and one that
+    # ran with another command (a changed preset) is redone with the stages that read it
     os.remove(os.path.join(out, "attention", "stage.json"))
+    marker = os.path.join(out, "sufficient_scratch", "stage.json")
+    with open(marker) as f:
+        stale = json.load(f)
+    stale["command"] = stale["command"].replace("--epochs 1", "--epochs 2")
+    with open(marker, "w") as f:
+        json.dump(stale, f)
     capsys.readouterr()
     study.main(["--preset", "smoke", "--out-dir", out])
     log = capsys.readouterr().out
-    assert log.count("skipped") == len(stages) - 1
+    readers = [n for n, _, argv, _ in stages if os.path.join(out, "sufficient_scratch", "")
+               in " ".join(argv)]
+    assert len(readers) == 6  # the CKA of the 5 pre-trained models against it, the attention
+    assert log.count("skipped") == len(stages) - 1 - len(readers)
     assert "attention: python analyze.py attn" in log
+    assert "sufficient_scratch: done before but ran with another command" in log
+    assert "cka_moco_vs_supervised: done before but reads sufficient_scratch" in log
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
