@@ -654,12 +654,8 @@ def checkpoint_num_classes(path, trust=False):
 
 def train(args):
     """One fine-tuning run (or --eval). Returns the final evaluation plus the best top-1."""
-    rank, world_size, device = plumbing.setup_distributed()
-    plumbing.use_deterministic(args.deterministic)
-    plumbing.check_same_resume(args.resume)
+    rank, world_size, device, precision, use_compile = plumbing.start_run(args)
     is_main = rank == 0
-    precision = plumbing.resolve_precision(args.precision, device)
-    use_compile = plumbing.compile_wanted(args.compile, device)
     plumbing.seed_everything(args.seed)
     val_set = data.build_dataset(args.data, args.data_root, "val",
                                  data.eval_transform(args.img_size), args.download,

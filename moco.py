@@ -269,12 +269,8 @@ def build_moco(args):
 
 
 def train(args):
-    rank, world_size, device = plumbing.setup_distributed()
-    plumbing.use_deterministic(args.deterministic)
-    plumbing.check_same_resume(args.resume)
+    rank, world_size, device, precision, use_compile = plumbing.start_run(args)
     is_main = rank == 0
-    precision = plumbing.resolve_precision(args.precision, device)
-    use_compile = plumbing.compile_wanted(args.compile, device)
     os.makedirs(args.out_dir, exist_ok=True)
     last_path = os.path.join(args.out_dir, "checkpoint.pth")
     log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)

@@ -46,6 +46,18 @@ def setup_distributed():
     return rank, world_size, device
 
 
+def start_run(args):
+    """How every training script starts (mae.py, finetune.py, moco.py): processes and device
+    (setup_distributed), --deterministic, the processes' agreement on --resume, and the
+    precision and compile setting to run. Returns (rank, world_size, device, precision,
+    use_compile)."""
+    rank, world_size, device = setup_distributed()
+    use_deterministic(args.deterministic)
+    check_same_resume(args.resume)
+    precision = resolve_precision(args.precision, device)
+    return rank, world_size, device, precision, compile_wanted(args.compile, device)
+
+
 def processes_text(world_size):
     """'2 process(es) (DDP over nccl)' for the scripts' start-up line."""
     backend = f" (DDP over {dist.get_backend()})" if dist.is_initialized() else ""
