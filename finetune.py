@@ -691,13 +691,8 @@ def train(args):
     if args.labels_per_class is not None:  # the data-insufficient regime: a few labels a class
         train_set = data.per_class_subset(train_set, args.labels_per_class, args.subset_seed)
     train_set = data.evenly_spaced(train_set, args.max_images)
-    steps_per_epoch = len(train_set) // world_size // args.batch_size // args.accum_iter
-    if steps_per_epoch < 1:
-        raise data.DataError(f"{len(train_set)} images are fewer than one step needs; lower "
-                             "--batch-size or --accum-iter")
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    lr = args.lr[0] if args.lr else args.blr * eff_batch / 256  # one run: one lr
-    plumbing.check_min_lr(args.min_lr, lr)
+    steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(  # one run: one lr
+        args, len(train_set), world_size, lr=args.lr[0] if args.lr else None)
     optimizer = build_optimizer(args, module, lr, device)
     scaler = plumbing.grad_scaler(precision, device)
     mixing = build_mixing(args, num_classes)

@@ -287,14 +287,8 @@ def train(args):
                                  MocoViews(args.img_size, args.min_crop_scale), args.download,
                                  args.synthetic_size, args.img_size)
     dataset = data.evenly_spaced(dataset, args.max_images)
-    steps_per_epoch = len(dataset) // world_size // args.batch_size // args.accum_iter
-    if steps_per_epoch < 1:
-        raise data.DataError(f"{len(dataset)} images are fewer than one step needs "
-                             f"({args.batch_size * args.accum_iter * world_size}); lower "
-                             "--batch-size or --accum-iter")
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    plumbing.check_min_lr(args.min_lr, lr)
+    steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(args, len(dataset), world_size,
+                                                           lr=args.lr)
     optimizer = torch.optim.AdamW([p for p in moco.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = plumbing.grad_scaler(precision, device)

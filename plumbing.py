@@ -58,6 +58,21 @@ def start_run(args):
     return rank, world_size, device, precision, compile_wanted(args.compile, device)
 
 
+def steps_and_lr(args, num_images, world_size, lr=None):
+    """The schedule's arithmetic every training script shares: optimizer steps per epoch, the
+    effective batch (batch x accum-iter x processes) and the lr, `lr` if given else the
+    papers' rule blr x effective batch / 256 (checked against --min-lr). Fewer images than
+    one step takes stop the run with a RunError naming the fix."""
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    steps_per_epoch = num_images // eff_batch
+    if steps_per_epoch < 1:
+        raise RunError(f"{num_images} images are fewer than one step needs ({eff_batch}); "
+                       "lower --batch-size or --accum-iter")
+    lr = lr if lr is not None else args.blr * eff_batch / 256
+    check_min_lr(args.min_lr, lr)
+    return steps_per_epoch, eff_batch, lr
+
+
 def processes_text(world_size):
     """'2 process(es) (DDP over nccl)' for the scripts' start-up line."""
     backend = f" (DDP over {dist.get_backend()})" if dist.is_initialized() else ""
