@@ -90,10 +90,15 @@ def build_bench(name, args, device):
     return model.eval(), lambda m, x: m(x), False
 
 
-def make_step(module, loss_fn, trains, images, precision, use_compile, device):
-    compiled = plumbing.maybe_compile(module, use_compile)
+def make_step(module, loss_fn, trains, images, precision, use_compile, device, mode=None):
+    compiled = plumbing.maybe_compile(module, use_compile, mode)
+    # CUDA graphs (mode "reduce-overhead") replay into the same output memory: each step says
+    # where it begins, so a replay never overwrites outputs the previous step still reads
+    begin = torch.compiler.cudagraph_mark_step_begin if use_compile and mode == \
+        "reduce-overhead" else (lambda: None)
     if not trains:
         def step():
+            begin()
             with torch.no_grad(), plumbing.autocast(device, precision):
                 compiled(images)
         return step
@@ -101,6 +106,7 @@ def make_step(module, loss_fn, trains, images, precision, use_compile, device):
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
 
     def step():
+        begin()
         with plumbing.autocast(device, precision):
             loss = loss_fn(compiled, images)
         loss.backward()
@@ -171,14 +177,17 @@ def bench_models(args, device):
         for use_compile in args.compile:
             for precision in args.precision:
                 torch.manual_seed(0)
-                step = make_step(module, loss_fn, trains, images, precision, use_compile, device)
+                step = make_step(module, loss_fn, trains, images, precision, use_compile, device,
+                                 args.compile_mode)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 seconds = time_step(step, args, device, use_compile)
                 peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 \
                     if device.type == "cuda" else None
                 achieved = flops / seconds / 1e12  # TFLOP/s
-                rows.append(dict(bench=name, compile=use_compile, precision=precision,
+                rows.append(dict(bench=name, compile=use_compile,
+                                 compile_mode=args.compile_mode if use_compile else None,
+                                 precision=precision,
                                  batch=args.batch_size, ms_per_step=seconds * 1e3,
                                  images_per_s=args.batch_size / seconds, peak_mib=peak,
                                  gflop_per_image=flops / args.batch_size / 1e9,
@@ -236,6 +245,40 @@ def write_jpegs(folder, count, seed=0):
             os.path.join(folder, f"class{i % 10}", f"{i}.jpg"), quality=90)
 
 
+def loader_stages(folder, img_size, min_scale, interpolation, count=256):
+    """Where one loader worker's time goes: milliseconds per image of each stage of the `pil`
+    path, and of the per-image header checks the `device` path makes in the main process, on
+    `count` of the JPEGs, in this process with one thread (the best of 3 passes)."""
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)[:count]
+    geometry, to_tensor = data.pretrain_transform(img_size, min_scale, interpolation).transforms
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = {}
+
+    def timed(stage, work, inputs):
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            outputs = [work(x) for x in inputs]
+            best = min(best, time.perf_counter() - start)
+        times[stage] = 1e3 * best / len(inputs)
+        return outputs
+
+    try:
+        blobs = timed("read file", lambda p: torch.from_numpy(np.fromfile(p, dtype=np.uint8)),
+                      paths)
+        images = timed("decode (PIL, EXIF, RGB)", data.load_rgb, paths)
+        crops = timed("crop + resize + flip (PIL)", geometry, images)
+        tensors = timed("to float + normalise", to_tensor, crops)
+        timed("collate a batch (per image)", lambda _: torch.stack(tensors), [None])
+        times["collate a batch (per image)"] /= len(tensors)
+        timed("device path: whole-JPEG check + EXIF", lambda b: (data.is_whole_jpeg(b),
+                                                                  data.exif_orientation(b)), blobs)
+    finally:
+        torch.set_num_threads(threads)
+    return times
+
+
 def bench_loaders(args, device):
     """Decode + augmentation of each loader with vit_tiny's pre-training crop (MAE-Lite's: scale
     0.08, bilinear or bicubic per image)."""
@@ -245,6 +288,10 @@ def bench_loaders(args, device):
     rows = []
     try:
         write_jpegs(os.path.join(root, "train"), args.jpegs)
+        stages = loader_stages(os.path.join(root, "train"), args.img_size, min_scale,
+                               interpolation)
+        for stage, ms in stages.items():
+            print(f"  one worker, {stage}: {ms:.3f} ms/image", flush=True)
         batch = min(args.loader_batch, args.jpegs)
         for mode in ("pil", "device"):
             for epoch in range(2):  # the first pass warms the page cache and the workers
@@ -263,14 +310,26 @@ def bench_loaders(args, device):
                     loader = fast.epoch(epoch)
                 start = time.perf_counter()
                 count = 0
-                for imgs, _ in loader:
+                # the steady rate leaves out the pipeline's fill: the first round of batches,
+                # one per worker, each worker having made a whole batch before handing it over
+                # (an ImageNet epoch of 5,000 batches pays that once)
+                fill = max(1, min(args.workers, args.jpegs // batch // 2))
+                for i, (imgs, _) in enumerate(loader):
                     imgs = imgs.to(device, non_blocking=True)
                     count += imgs.shape[0]
+                    if i + 1 == fill:
+                        sync(device)
+                        filled, filled_count = time.perf_counter(), count
                 sync(device)
-                seconds = time.perf_counter() - start
+                end = time.perf_counter()
+            steady = (count - filled_count) / (end - filled) if count > filled_count else None
             rows.append(dict(loader=mode, workers=args.workers, images=count,
-                             images_per_s=count / seconds, img_size=args.img_size))
-            print(f"  loader {mode}: {count / seconds:.0f} images/s", flush=True)
+                             images_per_s=count / (end - start), steady_images_per_s=steady,
+                             fill_batches=fill, img_size=args.img_size,
+                             ms_per_image_one_thread=stages if mode == "pil" else None))
+            print(f"  loader {mode}: {rows[-1]['images_per_s']:.0f} images/s over the pass, "
+                  + (f"{steady:.0f} after its first {fill} batches" if steady else
+                     "too few batches for a steady rate"), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows
@@ -294,7 +353,10 @@ def print_table(rows, loader_rows, device):
               f"{r['gflop_per_image']:>10.3f}{r['tflops']:>9.2f}{mfu:>7}  {ratio}")
     for r in loader_rows:
         print(f"input pipeline {r['loader']:<7} {r['workers']} workers, {r['img_size']} px: "
-              f"{r['images_per_s']:.0f} images/s ({r['images']} JPEGs of 500x375)")
+              f"{r['images_per_s']:.0f} images/s over the pass, "
+              + (f"{r['steady_images_per_s']:.0f} after the first {r['fill_batches']} batches"
+                 if r["steady_images_per_s"] else "no steady rate")
+              + f" ({r['images']} JPEGs of 500x375)")
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
 
@@ -312,6 +374,11 @@ def get_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--compile", default=None, choices=["off", "on", "both"],
                    help="torch.compile setting(s) (default: both on CUDA, off on CPU)")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode for the compiled rows (reduce-overhead: CUDA "
+                        "graphs, for a step that waits on kernel launches; default: torch's)")
     p.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"],
                    help="fp32, bf16 autocast, or both, one row each")
     p.add_argument("--peak-tflops", type=float, default=989.0,
@@ -363,7 +430,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
     print(f"benchmarking on {device}: {args.img_size} px, patch {args.patch_size}, batch "
-          f"{args.batch_size}, {args.steps} steps x {args.repeats} repeats", flush=True)
+          f"{args.batch_size}, {args.steps} steps x {args.repeats} repeats"
+          + (f", compile mode {args.compile_mode}" if args.compile_mode else ""), flush=True)
     rows = bench_models(args, device)
     loader_rows = bench_loaders(args, device) if args.jpegs > 0 else []
     print_table(rows, loader_rows, device)

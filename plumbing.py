@@ -181,9 +181,10 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def maybe_compile(model, enabled):
-    """torch.compile the module when asked; callers keep the un-compiled one for saving."""
-    return torch.compile(model) if enabled else model
+def maybe_compile(model, enabled, mode=None):
+    """torch.compile the module when asked (mode: torch.compile's, e.g. "reduce-overhead" for
+    CUDA graphs); callers keep the un-compiled one for saving."""
+    return torch.compile(model, mode=mode) if enabled else model
 
 
 def wrap_ddp(model, device, find_unused=False):

@@ -245,14 +245,18 @@ def test_bench_smoke_on_cpu(tmp_path):
     """bench.py in a tiny configuration: every step and both loaders run; no timing asserted."""
     import bench
     rows, loaders = bench.main(["--img-size", "32", "--patch-size", "8", "--batch-size", "2",
-                                "--steps", "1", "--warmup", "1", "--repeats", "1", "--jpegs", "6",
+                                "--steps", "1", "--warmup", "1", "--repeats", "1", "--jpegs", "14",
                                 "--workers", "0", "--loader-batch", "4",
                                 "--out", str(tmp_path / "bench.json")])
     names = {r["bench"] for r in rows}
     assert {"mae", "mae_distill", "finetune", "infer"} <= names
     assert all(r["images_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows)
     assert {r["loader"] for r in loaders} == {"pil", "device"}
-    assert all(r["images"] == 4 for r in loaders)  # one full batch of 4 of the 6 JPEGs
+    assert all(r["images"] == 12 for r in loaders)  # three full batches of 4 of the 14 JPEGs
+    # the steady rate leaves out the first batch (no workers: the fill is one batch)
+    assert all(r["fill_batches"] == 1 and r["steady_images_per_s"] > 0 for r in loaders)
+    stages = loaders[0]["ms_per_image_one_thread"]
+    assert len(stages) == 6 and all(ms > 0 for ms in stages.values())
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["steps"]) == len(rows)
 
@@ -297,3 +301,23 @@ def test_deterministic_flag_turns_deterministic_kernels_on(tmp_path, monkeypatch
         assert not args.deterministic
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_bench_compile_mode_reaches_torch_compile_and_marks_each_step(monkeypatch):
+    """--compile-mode is passed to torch.compile, and under CUDA graphs (reduce-overhead) each
+    step tells the graph trees where it begins (the CUDA run is in tests/test_cuda.py)."""
+    import argparse
+
+    import bench
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: modes.append(mode) or m)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    args = argparse.Namespace(img_size=32, patch_size=8, batch_size=2)
+    images = torch.randn(2, 3, 32, 32)
+    for mode, steps in (("reduce-overhead", 2), ("max-autotune", 1)):
+        module, loss_fn, trains = bench.build_bench("mae", args, torch.device("cpu"))
+        step = bench.make_step(module, loss_fn, trains, images, "fp32", True,
+                               torch.device("cpu"), mode)
+        for _ in range(steps):
+            step()
+    assert modes == ["reduce-overhead", "max-autotune"] and len(marks) == 2
