@@ -92,10 +92,10 @@ def build_bench(name, args, device):
 
 def make_step(module, loss_fn, trains, images, precision, use_compile, device, mode=None):
     compiled = plumbing.maybe_compile(module, use_compile, mode)
-    # CUDA graphs (mode "reduce-overhead") replay into the same output memory: each step says
+    # CUDA graphs (modes "reduce-overhead" and "max-autotune") replay into the same output memory: each step says
     # where it begins, so a replay never overwrites outputs the previous step still reads
-    begin = torch.compiler.cudagraph_mark_step_begin if use_compile and mode == \
-        "reduce-overhead" else (lambda: None)
+    graphs = use_compile and mode in ("reduce-overhead", "max-autotune")
+    begin = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
     if not trains:
         def step():
             begin()
@@ -267,7 +267,7 @@ def loader_stages(folder, img_size, min_scale, interpolation, count=256):
     try:
         blobs = timed("read file", lambda p: torch.from_numpy(np.fromfile(p, dtype=np.uint8)),
                       paths)
-        images = timed("decode (PIL, EXIF, RGB)", data.load_rgb, paths)
+        images = timed("read + decode (PIL, EXIF, RGB)", data.load_rgb, paths)
         crops = timed("crop + resize + flip (PIL)", geometry, images)
         tensors = timed("to float + normalise", to_tensor, crops)
         timed("collate a batch (per image)", lambda _: torch.stack(tensors), [None])
@@ -310,10 +310,11 @@ def bench_loaders(args, device):
                     loader = fast.epoch(epoch)
                 start = time.perf_counter()
                 count = 0
+                filled = filled_count = None  # set when the fill's last batch arrives
                 # the steady rate leaves out the pipeline's fill: the first round of batches,
                 # one per worker, each worker having made a whole batch before handing it over
                 # (an ImageNet epoch of 5,000 batches pays that once)
-                fill = max(1, min(args.workers, args.jpegs // batch // 2))
+                fill = max(1, args.workers)
                 for i, (imgs, _) in enumerate(loader):
                     imgs = imgs.to(device, non_blocking=True)
                     count += imgs.shape[0]
@@ -322,7 +323,9 @@ def bench_loaders(args, device):
                         filled, filled_count = time.perf_counter(), count
                 sync(device)
                 end = time.perf_counter()
-            steady = (count - filled_count) / (end - filled) if count > filled_count else None
+            # only with at least two rounds of batches (fewer: all were made at once)
+            enough = args.jpegs // batch >= 2 * fill and filled_count is not None
+            steady = (count - filled_count) / (end - filled) if enough else None
             rows.append(dict(loader=mode, workers=args.workers, images=count,
                              images_per_s=count / (end - start), steady_images_per_s=steady,
                              fill_batches=fill, img_size=args.img_size,
@@ -378,7 +381,8 @@ def get_parser():
                    choices=["default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode for the compiled rows (reduce-overhead: CUDA "
-                        "graphs, for a step that waits on kernel launches; default: torch's)")
+                        "graphs, for a step that waits on kernel launches; default: torch's; "
+                        "needs --compile on or both)")
     p.add_argument("--precision", default="both", choices=["fp32", "bf16", "both"],
                    help="fp32, bf16 autocast, or both, one row each")
     p.add_argument("--peak-tflops", type=float, default=989.0,
@@ -414,6 +418,8 @@ def main(argv=None):
                      f"{args.patch_size}")
     args.compile = {"off": [False], "on": [True], "both": [False, True]}[
         args.compile or ("both" if cuda else "off")]
+    if args.compile_mode and args.compile == [False]:
+        parser.error(f"--compile-mode {args.compile_mode} needs compiled rows: add --compile on")
     args.precision = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     args.benches = [b for b in args.benches.split(",") if b]
     unknown = [b for b in args.benches if b not in BENCHES]

@@ -459,10 +459,10 @@ def write_outputs(results, p, preset, root, total_seconds, version):
             d = [m[i][i] for i in range(min(len(m), len(m[0])))]
             lines.append(f"- {NAMES[s]} vs {ref}: {statistics.mean(d[-4:]):.3f} "
                          f"(per layer: {', '.join(f'{x:.2f}' for x in d)})")
-    weak = teacher["teacher_loss"] >= teacher["mae_loss"]
+    losses = teacher["teacher_loss"], teacher["mae_loss"]
+    weak = None not in losses and losses[0] >= losses[1]
     lines += ["", "The teacher, from training losses (mean of the last 5 logged steps): "
-              f"{p['teacher']} {teacher['teacher_loss']:.4f} against MAE-Tiny's "
-              f"{teacher['mae_loss']:.4f}"
+              f"{p['teacher']} {fmt(losses[0])} against MAE-Tiny's {fmt(losses[1])}"
               + (" — **the teacher reconstructs worse than its student: a weak teacher**"
                  if weak else "") + "; distillation loss / reconstruction loss at the end: "
               + (", ".join(f"{NAMES[s]} {r:,.1f}x" for s, r in
@@ -476,6 +476,10 @@ def write_outputs(results, p, preset, root, total_seconds, version):
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return claims
+
+
+def fmt(loss):
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 def teacher_check(root, students, last=5):

@@ -135,6 +135,7 @@ CASES = [
     (bench, ["--img-size", "30", "--patch-size", "8"], "not a multiple of --patch-size"),
     (bench, ["--benches", "nope"], "unknown bench"),
     (bench, ["--benches", ","], "names no bench"),
+    (bench, ["--compile-mode", "reduce-overhead", "--compile", "off"], "needs compiled rows"),
     (bench, ["--out", "{empty_dir}"], "is a folder"),
     # analyze.py
     (analyze, ["cka", "--a", "{missing}"], "does not exist"),

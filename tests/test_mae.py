@@ -304,8 +304,9 @@ def test_deterministic_flag_turns_deterministic_kernels_on(tmp_path, monkeypatch
 
 
 def test_bench_compile_mode_reaches_torch_compile_and_marks_each_step(monkeypatch):
-    """--compile-mode is passed to torch.compile, and under CUDA graphs (reduce-overhead) each
-    step tells the graph trees where it begins (the CUDA run is in tests/test_cuda.py)."""
+    """--compile-mode is passed to torch.compile, and under CUDA graphs (reduce-overhead,
+    max-autotune) each step tells the graph trees where it begins (the CUDA run is in
+    tests/test_cuda.py); without it, nothing is marked."""
     import argparse
 
     import bench
@@ -314,10 +315,10 @@ def test_bench_compile_mode_reaches_torch_compile_and_marks_each_step(monkeypatc
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     args = argparse.Namespace(img_size=32, patch_size=8, batch_size=2)
     images = torch.randn(2, 3, 32, 32)
-    for mode, steps in (("reduce-overhead", 2), ("max-autotune", 1)):
+    for mode, steps in (("reduce-overhead", 2), ("max-autotune", 1), (None, 2)):
         module, loss_fn, trains = bench.build_bench("mae", args, torch.device("cpu"))
         step = bench.make_step(module, loss_fn, trains, images, "fp32", True,
                                torch.device("cpu"), mode)
         for _ in range(steps):
             step()
-    assert modes == ["reduce-overhead", "max-autotune"] and len(marks) == 2
+    assert modes == ["reduce-overhead", "max-autotune", None] and len(marks) == 3
