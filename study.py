@@ -462,7 +462,7 @@ def write_outputs(results, p, preset, root, total_seconds, version):
     losses = teacher["teacher_loss"], teacher["mae_loss"]
     weak = None not in losses and losses[0] >= losses[1]
     lines += ["", "The teacher, from training losses (mean of the last 5 logged steps): "
-              f"{p['teacher']} {fmt(losses[0])} against MAE-Tiny's {fmt(losses[1])}"
+              f"{p['teacher']} {loss_text(losses[0])} against MAE-Tiny's {loss_text(losses[1])}"
               + (" — **the teacher reconstructs worse than its student: a weak teacher**"
                  if weak else "") + "; distillation loss / reconstruction loss at the end: "
               + (", ".join(f"{NAMES[s]} {r:,.1f}x" for s, r in
@@ -478,7 +478,8 @@ def write_outputs(results, p, preset, root, total_seconds, version):
     return claims
 
 
-def fmt(loss):
+def loss_text(loss):
+    """A final loss for results.md: n/a when no logged step held one."""
     return "n/a" if loss is None else f"{loss:.4f}"
 
 
