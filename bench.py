@@ -246,34 +246,39 @@ def write_jpegs(folder, count, seed=0):
 
 
 def loader_stages(folder, img_size, min_scale, interpolation, count=256):
-    """Where one loader worker's time goes: milliseconds per image of each stage of the `pil`
-    path, and of the per-image header checks the `device` path makes in the main process, on
-    `count` of the JPEGs, in this process with one thread (the best of 3 passes)."""
+    """Where the `pil` path's time goes: milliseconds per image of each stage a loader worker
+    runs (read + decode, crop + resize + flip, to a uint8 tensor, collate), then of the scaling
+    and normalisation of the batch (on the device in training; here on the CPU), and of the
+    per-image header checks the `device` path makes in its main process; on `count` of the
+    JPEGs, in this process with one thread (the best of 3 passes)."""
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)[:count]
-    geometry, to_tensor = data.pretrain_transform(img_size, min_scale, interpolation).transforms
+    geometry, to_tensor = data.pretrain_transform(img_size, min_scale, interpolation,
+                                                  uint8=True).transforms
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = {}
 
-    def timed(stage, work, inputs):
+    def timed(stage, work, inputs, per=1):
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
             outputs = [work(x) for x in inputs]
             best = min(best, time.perf_counter() - start)
-        times[stage] = 1e3 * best / len(inputs)
+        times[stage] = 1e3 * best / len(inputs) / per
         return outputs
 
     try:
-        blobs = timed("read file", lambda p: torch.from_numpy(np.fromfile(p, dtype=np.uint8)),
-                      paths)
-        images = timed("read + decode (PIL, EXIF, RGB)", data.load_rgb, paths)
-        crops = timed("crop + resize + flip (PIL)", geometry, images)
-        tensors = timed("to float + normalise", to_tensor, crops)
-        timed("collate a batch (per image)", lambda _: torch.stack(tensors), [None])
-        times["collate a batch (per image)"] /= len(tensors)
-        timed("device path: whole-JPEG check + EXIF", lambda b: (data.is_whole_jpeg(b),
-                                                                  data.exif_orientation(b)), blobs)
+        images = timed("worker: read + decode (PIL, EXIF, RGB)", data.load_rgb, paths)
+        crops = timed("worker: crop + resize + flip (PIL)", geometry, images)
+        tensors = timed("worker: to a uint8 tensor", to_tensor, crops)
+        batch = timed("worker: collate (per image)", lambda _: torch.stack(tensors), [None],
+                      per=len(tensors))[0]
+        timed("scale + normalise the batch (per image, CPU)", data.normalize, [batch],
+              per=len(tensors))
+        blobs = timed("device path, worker: read the bytes",
+                      lambda p: torch.from_numpy(np.fromfile(p, dtype=np.uint8)), paths)
+        timed("device path, main: whole-JPEG check + EXIF",
+              lambda b: (data.is_whole_jpeg(b), data.exif_orientation(b)), blobs)
     finally:
         torch.set_num_threads(threads)
     return times
@@ -298,7 +303,8 @@ def bench_loaders(args, device):
                 if mode == "pil":
                     dataset = data.build_dataset("imagefolder", root, "train",
                                                  data.pretrain_transform(
-                                                     args.img_size, min_scale, interpolation))
+                                                     args.img_size, min_scale, interpolation,
+                                                     uint8=True))
                     loader = data.make_loader(dataset, batch, epoch, 0, num_workers=args.workers,
                                               pin_memory=device.type == "cuda")
                 elif epoch == 0:
@@ -317,6 +323,8 @@ def bench_loaders(args, device):
                 fill = max(1, args.workers)
                 for i, (imgs, _) in enumerate(loader):
                     imgs = imgs.to(device, non_blocking=True)
+                    if mode == "pil":  # as mae.py: uint8 from the workers, normalised here
+                        imgs = data.normalize(imgs)
                     count += imgs.shape[0]
                     if i + 1 == fill:
                         sync(device)

@@ -672,7 +672,8 @@ def train(args):
         dataset = data.build_dataset(args.data, args.data_root, "train",
                                      data.pretrain_transform(
                                          args.img_size, args.min_crop_scale,
-                                         args.crop_interpolation, args.student_color_jitter),
+                                         args.crop_interpolation, args.student_color_jitter,
+                                         uint8=True),  # normalised on the device, below
                                      args.download, args.synthetic_size, args.img_size)
         dataset = data.evenly_spaced(dataset, args.max_images)
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(args, len(dataset), world_size,
@@ -730,6 +731,8 @@ def train(args):
                 plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
                                                               lr, args.min_lr))
             imgs = imgs.to(device, non_blocking=True)
+            if args.loader == "pil":  # the workers' uint8 crops
+                imgs = data.normalize(imgs)
             views = {}
             if imgs.ndim == 5:  # (B, 2, C, H, W): [teacher view, student view], TinyMIM
                 views["teacher_imgs"], imgs = imgs.unbind(1)

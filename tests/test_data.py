@@ -42,6 +42,25 @@ def test_pretrain_transform_output():
     assert -2.2 < img.min() and img.max() < 2.7  # ImageNet-normalised range
 
 
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+def test_uint8_crops_normalised_as_a_batch_equal_the_float_path(jitter):
+    """mae.py's pil loader: workers stop at uint8 crops, `normalize` scales and normalises the
+    batch on the device. Same seed, same crop; the numbers are the float path's, and both are
+    (x / 255 - mean) / std worked out in float64 (within float32 rounding)."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    floats = data.pretrain_transform(16, 0.2, "random", jitter)(img)
+    torch.manual_seed(0)
+    crops = data.pretrain_transform(16, 0.2, "random", jitter, uint8=True)(img)
+    assert crops.dtype == torch.uint8 and crops.shape == floats.shape
+    batch = torch.stack([crops, crops])  # (2, [views,] 3, 16, 16), as collated
+    assert torch.equal(data.normalize(batch)[1], floats)
+    mean = torch.tensor(data.IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    oracle = (crops.double() / 255 - mean) / std
+    assert torch.allclose(floats.double(), oracle, atol=1e-6)
+
+
 def test_image_folder_skips_corrupt_file(tmp_path, capsys):
     write_image_folder(tmp_path / "train")
     ds = data.build_dataset("imagefolder", str(tmp_path), "train", data.pretrain_transform(32))

@@ -256,7 +256,7 @@ def test_bench_smoke_on_cpu(tmp_path):
     # the steady rate leaves out the first batch (no workers: the fill is one batch)
     assert all(r["fill_batches"] == 1 and r["steady_images_per_s"] > 0 for r in loaders)
     stages = loaders[0]["ms_per_image_one_thread"]
-    assert len(stages) == 6 and all(ms > 0 for ms in stages.values())
+    assert len(stages) == 7 and all(ms > 0 for ms in stages.values())
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["steps"]) == len(rows)
 
