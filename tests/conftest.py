@@ -19,3 +19,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fmnist_slice():
+    """A folder of real Fashion-MNIST IDX files (2,000 train / 1,000 test images, MIT licence):
+    tests/data/fashion-mnist-slice, shipped so that the real-data tests run on any machine."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fashion-mnist-slice")

@@ -116,10 +116,11 @@ def test_fashion_mnist_idx_reader(tmp_path):
         data.build_dataset("fashion_mnist", str(tmp_path), "train")
 
 
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR), reason="Debian dataset not installed")
-def test_fashion_mnist_from_debian_package():
-    ds = data.build_dataset("fashion_mnist", None, "val")
-    assert len(ds) == 10_000 and 0 <= ds[0][1] < 10 and ds[0][0].shape == (3, 28, 28)
+def test_fashion_mnist_real_files(fmnist_slice):
+    ds = data.build_dataset("fashion_mnist", fmnist_slice, "val")
+    assert len(ds) == 1000 and ds[0][1] == 9 and ds[0][0].shape == (3, 28, 28)  # 9: ankle boot
+    train = data.build_dataset("fashion_mnist", fmnist_slice, "train")
+    assert len(train) == 2000 and [train[i][1] for i in range(5)] == [9, 0, 0, 3, 0]
 
 
 def test_loader_order_depends_only_on_seed_and_epoch():
@@ -260,3 +261,58 @@ def test_cuda_decodes_wait_for_the_stream_first(monkeypatch):
     images = data.decode_jpegs([blob, blob], torch.device("cuda", 0))
     assert calls == ["synchronize", "decode on cuda:0"]
     assert images[0].shape == (3, 30, 20)  # and turned upright, as torchvision's CUDA path won't
+
+
+class Draws(torch.utils.data.Dataset):
+    """Item i: (a draw from each RNG a transform may use: torch, random, numpy; the worker's pid),
+    label i."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, index):
+        import random
+
+        draws = [torch.rand(()).item(), random.random(), np.random.rand(), float(os.getpid())]
+        return torch.tensor(draws, dtype=torch.float64), index
+
+
+def test_persistent_workers_draw_what_workers_started_each_epoch_drew():
+    # The oracle: torch's own per-epoch seeding, a DataLoader made anew for every epoch with its
+    # generator seeded by (seed, epoch, rank), as make_loader did before the workers persisted.
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from plumbing import run_seed
+
+    def fresh_epoch(epoch, rank):
+        sampler = DistributedSampler(Draws(), num_replicas=2, rank=rank, shuffle=True, seed=5,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(Draws(), batch_size=4, sampler=sampler, num_workers=2,
+                            collate_fn=data.collate_skipping_bad, drop_last=True,
+                            generator=torch.Generator().manual_seed(run_seed(5, epoch, rank)))
+        return [(x, y) for x, y, _ in loader]
+
+    for rank in (0, 1):
+        run = data.Loader(Draws(), 4, seed=5, rank=rank, world_size=2, num_workers=2)
+        assert run.loader.persistent_workers
+        next(iter(run.epoch(0)))  # an epoch cut short (the loops' islice): its prefetch is left
+        pids = set()
+        for epoch in (1, 2, 1):  # an epoch again (a resumed run): the same draws again
+            ours = list(run.epoch(epoch))
+            want = fresh_epoch(epoch, rank)
+            assert len(ours) == len(want) == 3
+            for (x, y), (x_want, y_want) in zip(ours, want):
+                assert torch.equal(y, y_want)  # the same images in the same order
+                assert torch.equal(x[:, :3], x_want[:, :3])  # the same torch, random, numpy draws
+            pids |= {int(p) for x, _ in ours for p in x[:, 3]}
+        assert len(pids) == 2  # the same two worker processes served every epoch
+
+
+def test_the_evaluation_loader_keeps_its_workers_and_shards_exactly():
+    val = data.Loader(Draws(), 5, seed=0, rank=1, world_size=2, num_workers=2, shuffle=False,
+                      drop_last=False).epoch(0)
+    first, second = list(val), list(val)  # two evaluations
+    assert [y.tolist() for _, y in first] == [[1, 3, 5, 7, 9], [11, 13, 15, 17, 19], [21, 23]]
+    assert {int(p) for x, _ in first + second for p in x[:, 3]} == \
+        {int(p) for x, _ in first for p in x[:, 3]}  # no new worker for the second pass
