@@ -3,6 +3,7 @@ the command line of the viewers of a run (viewers.py).
 
     python analyze.py cka  --a CKPT_A [--b CKPT_B]      # layer-wise CKA heatmap (cka.json/png)
     python analyze.py attn --ckpt CKPT [CKPT ...]       # attention distance and entropy per head
+    python analyze.py probe --ckpt CKPT | --pixels      # frozen kNN / linear accuracy per layer
     python analyze.py recon --ckpt CKPT [--images F ...]  # originals / masked / reconstructions
     python analyze.py attnmap --ckpt CKPT [--block B]   # the cls token's attention, per head
     python analyze.py curves LOG.jsonl [LOG.jsonl ...]  # loss, lr and top-1 of runs
@@ -127,6 +128,198 @@ def layer_representations(vit, imgs):
     _, block_out, _ = vit.run_blocks(x, return_blocks=range(vit.depth + 1))
     return [vit.layer_representation(block_out, i)[:, 1:].flatten(1) for i in
             range(vit.depth + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen-feature probes: weighted kNN and a linear classifier (torch only)
+
+
+@torch.no_grad()
+def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk=1024):
+    """Top-1 (%) of the weighted cosine kNN that DINO and solo-learn evaluate with: each test
+    feature votes with its k most similar training features, each vote weighted by
+    exp(cosine / temperature). train_x (N, D), train_y (N,), test_x (M, D), test_y (M,)."""
+    train_x = torch.nn.functional.normalize(train_x.float(), dim=1)
+    test_x = torch.nn.functional.normalize(test_x.float(), dim=1)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(train_x))
+    correct = 0
+    for start in range(0, len(test_x), chunk):
+        sim = test_x[start:start + chunk] @ train_x.T  # (m, N)
+        top, index = sim.topk(k, dim=1)  # (m, k)
+        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[index], (top / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
+    return 100.0 * correct / len(test_x)
+
+
+def linear_accuracy(train_x, train_y, test_x, test_y, c=1.0, steps=100):
+    """Top-1 (%) of a multinomial logistic regression on standardised features (the mean and
+    std of the training features), fitted by L-BFGS to the mean cross-entropy plus
+    ||W||^2 / (2 C N): scikit-learn's LogisticRegression objective, its default C = 1."""
+    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x.float() - mean) / std, (test_x.float() - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    linear = torch.nn.Linear(train_x.shape[1], classes)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y) + \
+            linear.weight.square().sum() / (2 * c * len(train_x))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return 100.0 * (linear(test_x).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def pooled_layer_features(model, imgs, layers):
+    """{layer: (B, D)} the mean over patch tokens of each layer's normalised representation
+    (layer_representation; layer 0: the embedded tokens), from one forward pass. Hiera: the
+    embedding and stage outputs (`layers` then indexes layer_names(model)), token mean."""
+    if hasattr(model, "stage_ends"):
+        reps = layer_representations(model, imgs)  # (B, L * D) flattened per stage
+        _, out, _ = model.forward_features(imgs, return_blocks=[0, *model.stage_ends])
+        widths = [out[b].shape[-1] for b in [0, *model.stage_ends]]
+        return {i: reps[i].view(len(imgs), -1, widths[i]).mean(1) for i in layers}
+    _, block_out, _ = model.run_blocks(model.prepend_cls(model.embed(imgs)),
+                                       return_blocks=range(model.depth + 1))
+    return {i: model.layer_representation(block_out, i)[:, 1:].mean(1) for i in layers}
+
+
+@torch.no_grad()
+def logit_rms(model, imgs, block):
+    """Root mean square of block `block`'s pre-softmax attention logits (a distillation target:
+    a trained ViT's are a few units; in the hundreds, softmax is one-hot and an MSE on logits
+    is dominated by their scale)."""
+    _, _, logits = model.forward_features(imgs, return_attn=[block])
+    return logits[block].float().square().mean().sqrt().item()
+
+
+def feature_set(args, model, split, indices, device):
+    """({layer: (N, D)} features, (N,) labels) of the images `indices` of a split: raw pixels
+    (one channel, 0-1) when model is None, else pooled_layer_features of every layer."""
+    import data
+
+    transform = None if model is None else data.eval_transform(args.img_size)
+    dataset = data.build_dataset(args.data, args.data_root, split, transform,
+                                 img_size=args.img_size)
+    subset = torch.utils.data.Subset(dataset, indices)
+    loader = data.make_loader(subset, args.batch_size, epoch=0, seed=0, num_workers=0,
+                              shuffle=False, drop_last=False)
+    feats, labels = {}, []
+    for imgs, y in loader:
+        if model is None:
+            batch = {0: imgs[:, 0].flatten(1)}
+        else:
+            batch = pooled_layer_features(model, imgs.to(device), range(len(layer_names(model))))
+        for i, f in batch.items():
+            feats.setdefault(i, []).append(f.float().cpu())
+        labels.append(y)
+    if len(labels) == 0 or sum(len(y) for y in labels) < len(indices):
+        raise ValueError(f"{len(indices) - sum(len(y) for y in labels)} unreadable images among "
+                         f"the {split} images probed")
+    return {i: torch.cat(f) for i, f in feats.items()}, torch.cat(labels)
+
+
+def run_probe(args, device):
+    """Frozen-feature kNN and linear accuracy of every layer (or of raw pixels), trained on
+    --labels-per-class labelled training images (one subset per --subset-seeds seed) and scored
+    on the first --max-images images of the val split."""
+    import data
+
+    if args.pixels:
+        model, name = None, "pixels"
+    elif args.random_init:
+        model = load_model(None, args.random_init, args.img_size, args.patch_size).to(device)
+        name = args.name or f"random {args.random_init}"
+    else:
+        model = load_model(args.ckpt, args.model, args.img_size, args.patch_size,
+                           trust=args.trust_checkpoint).to(device)
+        name = args.name or os.path.basename(args.ckpt)
+    train = data.build_raw_dataset(args.data, args.data_root, "train", img_size=args.img_size)
+    val = data.build_raw_dataset(args.data, args.data_root, "val", img_size=args.img_size)
+    evaluated = list(range(len(val)))
+    if args.max_images is not None and args.max_images < len(val):
+        evaluated = [int(i * len(val) / args.max_images) for i in range(args.max_images)]
+    subsets = {seed: data.per_class_subset(data.SkipBadImages(train, None), args.labels_per_class,
+                                           seed).indices for seed in args.subset_seeds}
+    union = sorted(set().union(*subsets.values()))
+    train_feats, train_labels = feature_set(args, model, "train", union, device)
+    test_feats, test_labels = feature_set(args, model, "val", evaluated, device)
+    position = {index: row for row, index in enumerate(union)}
+    layers = sorted(train_feats)
+    result = {"name": name, "layers": ["pixels"] if model is None else layer_names(model),
+              "labels_per_class": args.labels_per_class, "eval_images": len(evaluated),
+              "knn": {}, "linear": {}}
+    for seed, indices in subsets.items():
+        rows = torch.tensor([position[i] for i in indices])
+        result["knn"][seed] = [knn_accuracy(train_feats[i][rows], train_labels[rows],
+                                            test_feats[i], test_labels) for i in layers]
+        if args.linear:
+            result["linear"][seed] = [linear_accuracy(train_feats[i][rows], train_labels[rows],
+                                                      test_feats[i], test_labels) for i in layers]
+        plumbing.print0(f"subset {seed}: kNN last layer {result['knn'][seed][-1]:.2f}" +
+                        (f", linear {result['linear'][seed][-1]:.2f}" if args.linear else ""))
+    if model is not None and not hasattr(model, "stage_ends"):
+        imgs = torch.stack([data.build_dataset(args.data, args.data_root, "val",
+                                               data.eval_transform(args.img_size))[i][0]
+                            for i in evaluated[:64]]).to(device)
+        result["attn_logit_rms"] = logit_rms(model, imgs, model.depth)
+    with open(os.path.join(args.out_dir, "probe.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plumbing.print0(f"wrote {args.out_dir}/probe.json")
+    return result
+
+
+class KnnMonitor:
+    """--knn-every of mae.py / moco.py: the weighted kNN top-1 (k 20, T 0.07, knn_accuracy) of
+    an encoder's pooled features (its forward_head without a head: the normalised cls token, or
+    the mean for avg pooling; Hiera its pooled output), fitted on `images` labelled training
+    images and scored on images / 2 validation images, both drawn once (seed 0) for the run
+    and centre-cropped. Costs one forward pass over 1.5 x `images` images."""
+
+    def __init__(self, name, root, img_size, images=1000, batch_size=256, synthetic_size=2000):
+        import data
+
+        def fixed(split, count):  # a seeded random draw: evenly spaced indices can alias with
+            dataset = data.build_dataset(name, root, split,  # a class-periodic file order
+                                         data.eval_transform(img_size),
+                                         synthetic_size=synthetic_size, img_size=img_size)
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+            return torch.utils.data.Subset(dataset, sorted(order[:count].tolist()))
+
+        self.train, self.val = fixed("train", images), fixed("val", max(1, images // 2))
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def features(self, encoder, dataset, device):
+        import data
+
+        feats, labels = [], []
+        for imgs, y in data.make_loader(dataset, self.batch_size, epoch=0, seed=0, num_workers=0,
+                                        shuffle=False, drop_last=False):
+            feats.append(encoder.forward_head(encoder.forward_features(imgs.to(device))[0])
+                         .float().cpu())
+            labels.append(y)
+        return torch.cat(feats), torch.cat(labels)
+
+    def __call__(self, encoder, device):
+        """kNN top-1 (%) of `encoder` now; its train / eval mode is restored."""
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            train = self.features(encoder, self.train, device)
+            val = self.features(encoder, self.val, device)
+        finally:
+            encoder.train(was_training)
+        return knn_accuracy(*train, *val)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,6 +652,24 @@ def get_parser():
                       help="pixels (grid distance x patch size) or the papers' figures' units "
                            "(grid distance x 14, as their analysis code)")
 
+    probe = sub.add_parser("probe", parents=[common],
+                           help="frozen kNN / linear accuracy of every layer (or raw pixels)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = probe.add_mutually_exclusive_group()
+    what.add_argument("--ckpt", default=None, help="checkpoint of the encoder probed (or "
+                      "--random-init MODEL, or --pixels)")
+    what.add_argument("--pixels", action="store_true", help="probe raw pixels (a baseline)")
+    probe.add_argument("--model", default="vit_tiny", help="architecture of the encoder")
+    probe.add_argument("--name", default=None, help="name of the model in probe.json")
+    probe.add_argument("--labels-per-class", type=int, default=100,
+                       help="labelled training images of each class the probes fit")
+    probe.add_argument("--subset-seeds", type=int, nargs="+", default=[0],
+                       help="one labelled subset per seed (finetune.py --subset-seed's draw)")
+    probe.add_argument("--max-images", type=int, default=None,
+                       help="val images scored, evenly spaced (none: all)")
+    probe.add_argument("--linear", action="store_true",
+                       help="also a logistic regression (L-BFGS, C = 1) on each layer")
+
     viewer = argparse.ArgumentParser(add_help=False, parents=[trust])
     viewer.add_argument("--ckpt", required=True, help="checkpoint file")
     viewer.add_argument("--model", default=None,
@@ -513,6 +724,8 @@ RANGES = {"cka": dict(SIZES, num_images="[4, inf)", batch_size="[4, inf)"),
           "recon": dict(SIZES, num_images="[1, inf)", seed="[0, 4294967295]",
                         decoder_heads="[1, inf)"),
           "attnmap": dict(SIZES, num_images="[1, inf)", block="[1, inf)"),
+          "probe": dict(SIZES, num_images="[1, inf)", batch_size="[1, inf)",
+                        labels_per_class="[1, inf)", max_images="[1, inf)"),
           "curves": {}}
 
 
@@ -532,6 +745,10 @@ def main(argv=None):
             parser.error(f"--labels gives {len(args.labels)} labels for {len(args.logs)} logs")
     else:
         plumbing.check_out_dir(parser, args.out_dir)
+    if args.command == "probe" and args.data == "folder":
+        parser.error("--data folder has no labels: probes need class folders (--data imagefolder)")
+    if args.command == "probe" and not (args.ckpt or args.pixels or args.random_init):
+        parser.error("probe needs --ckpt CKPT, --random-init MODEL or --pixels")
     if args.command == "cka" and args.names is not None and len(args.names) > 2:
         parser.error(f"--names takes the names of A and B, not {len(args.names)}")
     try:
@@ -539,7 +756,7 @@ def main(argv=None):
             viewers.run_curves(args)
             return
         os.makedirs(args.out_dir, exist_ok=True)
-        run = {"cka": run_cka, "attn": run_attn, "recon": viewers.run_recon,
+        run = {"cka": run_cka, "attn": run_attn, "probe": run_probe, "recon": viewers.run_recon,
                "attnmap": viewers.run_attnmap}
         run[args.command](args, plumbing.default_device())
     except (DataError, CheckpointError, ValueError, OSError) as e:

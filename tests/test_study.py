@@ -1,75 +1,209 @@
-"""study.py: the smoke preset end to end (the outputs' structure, not the numbers), resuming,
-a half-written stage, bad input; and the finetune / mae flags it relies on."""
+"""study.py (v2): the smoke preset end to end on the shipped Fashion-MNIST slice (the outputs'
+structure, not the numbers), resuming, a half-written stage, the gpu preset's orchestration at
+a reduced size, the statistics and verdict rules on hand-made numbers, bad input; and the
+finetune / analyze pieces it relies on."""
 import json
+import math
 import os
 
 import pytest
 import torch
 
+import analyze
 import data
 import finetune
 import study
 
-HAVE_DATA = os.path.isdir(data.FASHION_MNIST_DIR)
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="apt-get install dataset-fashion-mnist")
 
-
-@needs_data
-def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, capsys):
+def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, capsys,
+                                                                     fmnist_slice):
     out = str(tmp_path / "study")
-    claims = study.main(["--preset", "smoke", "--out-dir", out])
+    argv = ["--preset", "smoke", "--data-root", fmnist_slice, "--out-dir", out]
+    claims = study.main(argv)
     assert len(claims) == 8
-    assert {c["verdict"] for c in claims} <= {"reproduced", "not reproduced", "inconclusive"}
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     assert {"preset", "settings", "code_version", "hardware", "total_seconds", "stages",
-            "accuracy", "claims", "teacher_check"} <= set(results)
-    assert set(results["teacher_check"]["distill_over_recon"]) == {"dmae", "d2mae"}
-    stages = study.stage_list(study.PRESETS["smoke"], out, None)
-    assert set(results["stages"]) == {name for name, _, _, _ in stages}
+            "accuracy", "claims", "teacher_gate", "finetune_blr", "validation"} <= set(results)
+    gate = results["teacher_gate"]
+    assert set(gate) == {"loss", "knn", "logit_rms", "passed"}
+    assert gate["passed"] == all(gate[k]["passed"] for k in ("loss", "knn", "logit_rms"))
+    # calibration rows first, then every fine-tuned model, with 2 subsets / 2 seeds each
+    for regime in ("few", "many"):
+        rows = list(results["accuracy"][regime])
+        assert rows[:4] == ["raw pixels, logistic regression", "raw pixels, kNN",
+                            "random ViT-Tiny, logistic regression", "random ViT-Tiny, kNN"]
+        assert rows[4] == "scratch, fine-tuned"
+        assert all(len(v) == 2 for v in results["accuracy"][regime].values())
+    # the validation runs fixed the lr, on the held-out split only
+    assert set(results["validation"]) == {f"val_{k}_blr{b:g}" for k in ("scratch", "pretrained")
+                                          for b in study.PRESETS["smoke"]["val_blrs"]}
     for name, stage in results["stages"].items():
         assert stage["command"].startswith("python ") and stage["seconds"] >= 0, name
-    assert set(results["accuracy"]) == {"scratch", "mae", "dmae", "d2mae", "tinymim", "moco"}
-    assert results["stages"]["pretrain_moco"]["numbers"]["steps"] == 2
-    assert {"reserved8_sufficient", "reserved8_moco_sufficient", "reserved0_moco_scarce_s0"} \
-        <= set(results["stages"])  # MAE-Tiny's and MoCo-v3-Tiny's reserved blocks
-    assert results["stages"]["pretrain_mae"]["numbers"]["steps"] == 2  # --max-images 64, batch 32
+        if name.startswith("val_") or name.startswith("layers_"):
+            assert "data/val" in stage["command"] and "data/dev" not in stage["command"]
+        if name.startswith(("few_", "many_", "calib_")):
+            assert "data/dev" in stage["command"]
+    # the held-out split: 200 training images, in neither dev's training images nor the test's
+    dev_train = data.FashionMNIST(os.path.join(out, "data", "dev"), "train")
+    held = data.FashionMNIST(os.path.join(out, "data", "val"), "val")
+    assert len(dev_train) == 2000 - 200 and len(held) == 200
+    assert data.FashionMNIST(os.path.join(out, "data", "val"), "train").images.tobytes() == \
+        dev_train.images.tobytes()
     md = open(os.path.join(out, "results.md")).read()
-    check = results["teacher_check"]
-    weak = check["teacher_loss"] >= check["mae_loss"]
-    assert "## Claims" in md and md.count("**") == 16 + 2 * weak
-    assert "The teacher, from training losses" in md and ("a weak teacher" in md) == weak
-    assert "| 8 | " in md and "MoCo-v3-Tiny, data-sufficient" in md
-    for png in ("pretrain.png", "finetune.png", "attn_distance.png", "attn_entropy.png",
-                "cka_mae_vs_supervised.png", "cka_d2mae_vs_teacher.png"):
+    assert "## Claims" in md and "Teacher gate (vit_small)" in md
+    assert md.index("raw pixels, logistic regression") < md.index("MAE-Tiny, fine-tuned")
+    for png in ("pretrain.png", "layers_knn.png", "attn_distance.png", "attn_entropy.png",
+                "cka_mae_vs_supervised.png"):
         assert os.path.getsize(os.path.join(out, "figures", png)) > 0, png
     # a second run skips every stage; one whose stage.json is missing is redone, and one that
-    # ran with another command (a changed preset) is redone with the stages that read it
+    # ran with another command is redone with the stages that read it
+    n_stages = len(results["stages"])
     os.remove(os.path.join(out, "attention", "stage.json"))
-    marker = os.path.join(out, "sufficient_scratch", "stage.json")
+    marker = os.path.join(out, "many_scratch_s0", "stage.json")
     with open(marker) as f:
         stale = json.load(f)
     stale["command"] = stale["command"].replace("--epochs 1", "--epochs 2")
     with open(marker, "w") as f:
         json.dump(stale, f)
     capsys.readouterr()
-    study.main(["--preset", "smoke", "--out-dir", out])
+    study.main(argv)
     log = capsys.readouterr().out
-    readers = [n for n, _, argv, _ in stages if os.path.join(out, "sufficient_scratch", "")
-               in " ".join(argv)]
-    assert len(readers) == 6  # the CKA of the 5 pre-trained models against it, the attention
-    assert log.count("skipped") == len(stages) - 1 - len(readers)
-    assert "attention: python analyze.py attn" in log
-    assert "sufficient_scratch: done before but ran with another command" in log
-    assert "cka_moco_vs_supervised: done before but reads sufficient_scratch" in log
+    readers = [n for n, r in results["stages"].items()
+               if os.path.join(out, "many_scratch_s0", "") in r["command"]]
+    # the CKA against it of MAE-Tiny, MoCo-v3 and (gate passed) the 3 students; the attention
+    assert len(readers) == (6 if results["teacher_gate"]["passed"] else 3)
+    assert log.count("skipped") == n_stages - 1 - len(readers)
+    assert "many_scratch_s0: done before but ran with another command" in log
+    assert "cka_moco_vs_supervised: done before but reads many_scratch_s0" in log
 
 
-def test_bad_input_is_one_line(tmp_path, capsys):
+def test_gpu_preset_orchestration_at_a_reduced_size(tmp_path, monkeypatch, fmnist_slice):
+    """The gpu preset's stages (ViT-B teacher, TinyMIM, reserved blocks, 8 workers) on CPU with
+    the smoke preset's sizes; --mirror receives each stage's record as it finishes."""
+    gpu = study.PRESETS["gpu"]
+    small = dict(study.PRESETS["smoke"], teacher=gpu["teacher"], relation=gpu["relation"],
+                 reserved=gpu["reserved"][:2], workers=0, pretrain_images=64, teacher_epochs=1)
+    monkeypatch.setitem(study.PRESETS, "gpu", small)
+    mirror = tmp_path / "OUT"
+    study.main(["--preset", "gpu", "--data-root", fmnist_slice, "--out-dir",
+                str(tmp_path / "study"), "--mirror", str(mirror), "--until", "pretrain"])
+    records = set(os.listdir(mirror / "stages"))
+    assert {"pretrain_teacher.json", "pretrain_mae.json", "pretrain_moco.json",
+            "calib_pixels_few.json", "layers_teacher.json"} <= records
+    teacher = json.load(open(mirror / "stages" / "pretrain_teacher.json"))
+    assert "--model vit_base" in teacher["command"] and "--lr 0.000375" in teacher["command"]
+    stages = {n[:-5]: json.load(open(mirror / "stages" / n)) for n in records}
+    passed = study.teacher_gate(stages, small)["passed"]  # the gate decides the students
+    assert ("pretrain_tinymim.json" in records) == ("pretrain_d2mae.json" in records) == passed
+    assert not any(n.startswith(("few_", "many_", "val_")) for n in records)  # --until pretrain
+
+
+def test_paired_statistics_by_hand():
+    diff, se, diffs = study.paired([80.0, 82.0, 84.0], [79.0, 80.0, 81.0])
+    assert diffs == [1.0, 2.0, 3.0] and diff == 2.0
+    assert se == pytest.approx(1.0 / math.sqrt(3))  # stdev of 1, 2, 3 is 1
+    assert study.decide(2.0, 0.9) == "reproduced" and study.decide(-2.0, 0.9) == "not reproduced"
+    assert study.decide(2.0, 1.0) == "inconclusive"  # |mean| must exceed 2 SE
+
+
+def fake_results(p, acc, pixels):
+    """Stage records with the given top-1 per model (every subset and seed alike, but for a
+    +/-0.5 wobble so that SE > 0) and pixel logistic-regression accuracy per regime."""
+    results = {}
+    for regime, seeds in (("few", study.subset_seeds(p)), ("many", list(p["many_seeds"]))):
+        for m, a in acc.items():
+            for i, s in enumerate(seeds):
+                results[f"{regime}_{m}_s{s}"] = {"numbers": {"top1": a[regime] + (i % 2) - 0.5}}
+        for tag in ("pixels", "random"):
+            per = {str(s): [pixels[regime]] for s in seeds}
+            results[f"calib_{tag}_{regime}"] = {"numbers": {"knn": per, "linear": per}}
+    return results
+
+
+def test_regime_check_and_verdicts():
+    p = study.PRESETS["cpu"]
+    pairs = [("few", "mae", "scratch", 1), ("many", "mae", "scratch", 1)]
+    results = fake_results(p, {"mae": {"few": 75, "many": 85}, "scratch": {"few": 70, "many": 80}},
+                           {"few": 65, "many": 78})
+    pixels = {r: study.calibration(results, r)["raw pixels, logistic regression"]
+              for r in ("few", "many")}
+    assert study.regime_claim("c", results, p, pairs, pixels)["verdict"] == "reproduced"
+    # scratch below the pixel baseline with many labels: no verdict, the numbers still shown
+    results = fake_results(p, {"mae": {"few": 75, "many": 85}, "scratch": {"few": 70, "many": 77}},
+                           {"few": 65, "many": 78})
+    claim = study.regime_claim("c", results, p, pairs, pixels)
+    assert claim["verdict"].startswith("below the pixel baseline")
+    assert "+8.00" in claim["evidence"] and "pixels 78.00" in claim["evidence"]
+
+
+def test_a_failed_gate_leaves_the_distillation_claims_untested():
+    p = study.PRESETS["cpu"]
+    results = {"pretrain_teacher": {"numbers": {"final_loss": 0.6}},
+               "pretrain_mae": {"numbers": {"final_loss": 0.5}},
+               "layers_teacher": {"numbers": {"knn": {"0": [50.0, 60.0]}, "attn_logit_rms": 3.0}},
+               "layers_mae": {"numbers": {"knn": {"0": [50.0, 70.0]}}}}
+    gate = study.teacher_gate(results, p)
+    assert not gate["passed"] and not gate["loss"]["passed"] and not gate["knn"]["passed"]
+    assert gate["logit_rms"]["passed"]
+    results["layers_teacher"]["numbers"]["attn_logit_rms"] = 900.0  # the old ViT-B's scale
+    assert not study.teacher_gate(results, p)["logit_rms"]["passed"]
+    claim = study.higher_layers_claim(results, p, gate)
+    assert claim["verdict"] == "not tested: the teacher is not stronger than the student"
+    assert "0.6000 vs MAE-Tiny 0.5000" in claim["evidence"]
+
+
+def test_knn_accuracy_by_hand():
+    """Two training points per class on the unit circle; the test point's 3 neighbours vote
+    with exp(cos / T): worked out by hand."""
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    test = torch.tensor([[0.6, 0.8]])  # cos: 0.6, 0.96, 0.8, -0.6
+    # k = 3: class 1 gets exp(0.96/T) + exp(0.8/T), class 0 exp(0.6/T): class 1 wins
+    assert analyze.knn_accuracy(train, labels, test, torch.tensor([1]), k=3) == 100.0
+    # k = 1 with a far test point of class 0: its nearest neighbour is class 0
+    assert analyze.knn_accuracy(train, labels, torch.tensor([[-0.9, -0.1]]), torch.tensor([0]),
+                                k=1) == 100.0
+    # the weights matter: k = 3, T large (votes nearly equal) vs T small
+    test = torch.tensor([[1.0, 0.05]])  # cos ~ 1.0, 0.83, 0.05, -1.0: top 3 = 0, 1, 1
+    assert analyze.knn_accuracy(train, labels, test, torch.tensor([1]), k=3, temperature=100) \
+        == 100.0  # two votes of ~1 beat one
+    assert analyze.knn_accuracy(train, labels, test, torch.tensor([0]), k=3,
+                                temperature=0.01) == 100.0  # exp(100) beats exp(83) + exp(5)
+
+
+def test_probes_on_separable_features_score_near_100():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 32, generator=g) * 5
+    y = torch.arange(10).repeat(20)
+    x = centres[y] + torch.randn(200, 32, generator=g)
+    yt = torch.arange(10).repeat(10)
+    xt = centres[yt] + torch.randn(100, 32, generator=g)
+    assert analyze.knn_accuracy(x, y, xt, yt) >= 99.0
+    assert analyze.linear_accuracy(x, y, xt, yt) >= 99.0
+    shuffled = y[torch.randperm(200, generator=g)]  # labels unrelated to the features
+    assert analyze.knn_accuracy(x, shuffled, xt, yt) < 40.0
+
+
+def test_probe_command_on_real_images(tmp_path, fmnist_slice):
+    analyze.main(["probe", "--pixels", "--data", "fashion_mnist", "--data-root",
+                  fmnist_slice, "--img-size", "28", "--labels-per-class", "20",
+                  "--subset-seeds", "0", "1", "--linear", "--max-images", "500",
+                  "--out-dir", str(tmp_path)])
+    saved = json.load(open(tmp_path / "probe.json"))
+    assert set(saved["knn"]) == {"0", "1"} and saved["eval_images"] == 500
+    assert all(60 < a[0] < 95 for a in saved["knn"].values())  # pixels: far above chance (10)
+    assert all(60 < a[0] < 95 for a in saved["linear"].values())
+
+
+def test_bad_input_is_one_line(tmp_path, capsys, fmnist_slice):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    if HAVE_DATA:
-        with pytest.raises(SystemExit, match="is a file"):
-            study.main(["--preset", "smoke", "--out-dir", str(a_file)])
+    with pytest.raises(SystemExit, match="is a file"):
+        study.main(["--preset", "smoke", "--data-root", fmnist_slice, "--out-dir", str(a_file)])
+    with pytest.raises(SystemExit, match="cannot be created"):
+        study.main(["--preset", "smoke", "--data-root", fmnist_slice, "--out-dir",
+                    str(a_file / "sub")])
     with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
         study.main(["--preset", "smoke", "--data-root", str(tmp_path), "--out-dir",
                     str(tmp_path / "o")])
@@ -121,41 +255,3 @@ def test_hiera_student_with_a_full_image_teacher_is_refused(capsys):
         mae.main(["--model", "hiera_tiny_lite", "--teacher", "t.pth", "--teacher-model",
                   "hiera_tiny_lite", "--teacher-input", "full"])
     assert exit_info.value.code == 2 and "--teacher-input visible" in capsys.readouterr().err
-
-
-def test_teacher_check_reads_the_last_logged_losses(tmp_path):
-    """The final losses of the teacher and MAE-Tiny and the distillation / reconstruction ratio,
-    from log.jsonl files written here (the numbers worked out by hand); no log rows: None."""
-    def log(stage, rows):
-        os.makedirs(tmp_path / stage)
-        with open(tmp_path / stage / "log.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-    log("pretrain_teacher", [{"step": s, "loss": v} for s, v in [(1, 9.0), (2, 0.6), (3, 0.5)]])
-    log("pretrain_mae", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 0.3},
-                         {"step": 2, "top1": 50.0}])  # a row without the key is ignored
-    log("pretrain_dmae", [{"step": 1, "loss": 101.0, "recon_loss": 1.0, "distill_loss": 100.0},
-                          {"step": 2, "loss": 30.5, "recon_loss": 0.5, "distill_loss": 30.0}])
-    log("pretrain_tinymim", [{"step": 1, "loss": 3.0, "distill_loss": 3.0}])  # no recon
-    check = study.teacher_check(str(tmp_path), ["mae", "dmae", "tinymim"], last=2)
-    assert check["teacher_loss"] == pytest.approx(0.55)  # (0.6 + 0.5) / 2
-    assert check["mae_loss"] == pytest.approx(1.15)  # the two rows holding a loss: 2.0, 0.3
-    assert check["distill_over_recon"] == {"dmae": pytest.approx((100 + 30) / (1 + 0.5))}
-    log("empty/pretrain_teacher", [])
-    log("empty/pretrain_mae", [{"step": 1, "top1": 1.0}])
-    empty = study.teacher_check(str(tmp_path / "empty"), ["mae"])
-    assert empty == {"teacher_loss": None, "mae_loss": None, "distill_over_recon": {}}
-
-
-def test_gpu_preset_teacher_has_its_own_lr_and_moco_its_rule():
-    """The gpu preset's teacher trains at teacher_lr, the MAE students at pretrain_lr, MoCo-v3
-    at its script's blr rule (no --lr); the cpu preset's teacher keeps pretrain_lr."""
-    def lr_of(preset, stage):
-        argv = {n: a for n, _, a, _ in study.stage_list(study.PRESETS[preset], "r", None)}[stage]
-        return float(argv[argv.index("--lr") + 1]) if "--lr" in argv else None
-
-    gpu = study.PRESETS["gpu"]
-    assert lr_of("gpu", "pretrain_teacher") == gpu["teacher_lr"] != gpu["pretrain_lr"]
-    assert lr_of("gpu", "pretrain_dmae") == lr_of("gpu", "pretrain_mae") == gpu["pretrain_lr"]
-    assert lr_of("gpu", "pretrain_moco") is None
-    assert lr_of("cpu", "pretrain_teacher") == study.PRESETS["cpu"]["pretrain_lr"]
