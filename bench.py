@@ -12,15 +12,22 @@ Model steps (synthetic inputs, warm-up excluded, CUDA-synchronised, median of --
   mae_timm     the MAE step with timm's VisionTransformer Blocks (12 heads) in encoder and
                decoder, as the published MAE / MAE-Lite code is built (needs timm)
   mae_timm_nofused  the same with timm's fused attention off, as the timm 0.3.2 those repos pin
-FLOPs come from torch.utils.flop_counter.FlopCounterMode (2 per multiply-add, only the tokens
-processed); MFU divides achieved FLOP/s by --peak-tflops (H100 SXM dense bf16: 989).
+Model FLOPs per image (count_flops) are counted the same way on every machine: by
+torch.utils.flop_counter.FlopCounterMode on the CPU (fp32, eager, 2 images), with attention
+counted by formula (FlopCounterMode counts the CPU SDPA kernel as 0); 2 per multiply-add, only
+the tokens processed. MFU divides achieved FLOP/s by --peak-tflops (H100 SXM dense bf16: 989).
 
 Input pipeline (--jpegs N > 0): N JPEGs of 500x375 px, quality 90, written to a temporary image
 folder, then decode + RandomResizedCrop + flip + normalise timed for each loader mode of data.py
 (pil: PIL in worker processes; device: workers read bytes, batched decode on the device).
+
+Small data (--small-images N > 0): a Fashion-MNIST fine-tuning epoch as the study runs it (28 px,
+patch 4, batch 128, 5,000 images, --workers workers), loader included, and the evaluation
+after it; the first epoch (workers starting) and the next (workers kept) timed apart.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -115,19 +122,48 @@ def make_step(module, loss_fn, trains, images, precision, use_compile, device, m
     return step
 
 
-def count_flops(module, loss_fn, trains, images):
-    """FLOPs of one step (forward + backward when training), eager, counted by PyTorch."""
+def sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """Model FLOPs of scaled_dot_product_attention's forward, 2 per multiply-add: q k^T is
+    B H N M d, (softmax) v is B H N M d_v. torch's FlopCounterMode has this formula for the CUDA
+    kernels but none for the CPU one, which it counted as 0."""
+    *batch, n, d = query_shape  # (B, heads, N, d)
+    m = key_shape[-2]
+    return 2 * math.prod(batch) * n * m * (d + value_shape[-1])
+
+
+def sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                        out_shape=None, **kwargs):
+    """The backward's four products (dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q): twice
+    the forward, as for any matmul (a kernel's recomputation of q k^T is not model FLOPs)."""
+    return 2 * sdpa_flops(query_shape, key_shape, value_shape)
+
+
+# The CPU SDPA kernel and its backward, which FlopCounterMode does not know
+SDPA_CPU_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                      sdpa_backward_flops}
+FLOP_COUNT_BATCH = 2  # images a count runs on; model FLOPs grow linearly with the batch
+
+
+def count_flops(name, args):
+    """Model FLOPs per image of one step of bench `name` (forward + backward when it trains),
+    counted the same way on every machine: by FlopCounterMode, on the CPU, eager, fp32, on
+    FLOP_COUNT_BATCH images of --img-size, with the CPU SDPA kernel counted by formula; 2 per
+    multiply-add of every matmul and convolution, only the tokens actually processed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    cpu = torch.device("cpu")
+    small = argparse.Namespace(**{**vars(args), "batch_size": FLOP_COUNT_BATCH})
+    module, loss_fn, trains = build_bench(name, small, cpu)
+    images = torch.randn(FLOP_COUNT_BATCH, 3, args.img_size, args.img_size)
+    counter = FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS)
     with counter:
         if trains:
             loss_fn(module, images).backward()
         else:
             with torch.no_grad():
                 module(images)
-    module.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() / FLOP_COUNT_BATCH
 
 
 def sync(device):
@@ -171,8 +207,8 @@ def bench_models(args, device):
             except ImportError:
                 print(f"skipping {name}: timm is not installed (pip install timm)")
                 continue
+        flops = count_flops(name, args) * args.batch_size  # of one step
         module, loss_fn, trains = build_bench(name, args, device)
-        flops = count_flops(module, loss_fn, trains, images)
         keep = name in ("mae", "mae_timm", "mae_timm_nofused")  # for the paired ratio below
         for use_compile in args.compile:
             for precision in args.precision:
@@ -299,21 +335,19 @@ def bench_loaders(args, device):
             print(f"  one worker, {stage}: {ms:.3f} ms/image", flush=True)
         batch = min(args.loader_batch, args.jpegs)
         for mode in ("pil", "device"):
-            for epoch in range(2):  # the first pass warms the page cache and the workers
-                if mode == "pil":
-                    dataset = data.build_dataset("imagefolder", root, "train",
-                                                 data.pretrain_transform(
-                                                     args.img_size, min_scale, interpolation,
-                                                     uint8=True))
-                    loader = data.make_loader(dataset, batch, epoch, 0, num_workers=args.workers,
-                                              pin_memory=device.type == "cuda")
-                elif epoch == 0:
-                    fast = data.DeviceLoader(root, batch, seed=0, device=device,
-                                             img_size=args.img_size, min_scale=min_scale,
-                                             num_workers=args.workers,
-                                             interpolation=interpolation)
-                if mode == "device":
-                    loader = fast.epoch(epoch)
+            if mode == "pil":
+                dataset = data.build_dataset("imagefolder", root, "train",
+                                             data.pretrain_transform(args.img_size, min_scale,
+                                                                     interpolation, uint8=True))
+                run_loader = data.Loader(dataset, batch, 0, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+            else:
+                run_loader = data.DeviceLoader(root, batch, seed=0, device=device,
+                                               img_size=args.img_size, min_scale=min_scale,
+                                               num_workers=args.workers,
+                                               interpolation=interpolation)
+            for epoch in range(2):  # the first pass warms the page cache and starts the workers
+                loader = run_loader.epoch(epoch)  # as in training: workers kept between epochs
                 start = time.perf_counter()
                 count = 0
                 filled = filled_count = None  # set when the fill's last batch arrives
@@ -346,11 +380,77 @@ def bench_loaders(args, device):
     return rows
 
 
+def bench_small_epoch(args, device):
+    """A Fashion-MNIST-sized fine-tuning epoch, loader included (the figure the study's CPU
+    budget is planned from): finetune.py's recipe, as the study runs it (vit_tiny from scratch,
+    28 px, patch 4, --small-images training images, 1/10 of them a class, --small-batch,
+    --workers loader workers, eager, bf16 unless --precision fp32), two epochs and two
+    evaluations over as many validation images, each timed whole. The first of each starts the
+    loader's workers; the second is what every later epoch of a run costs, its workers kept."""
+    import finetune
+
+    per_class = args.small_images // 10
+    precision = args.precision[-1]  # "both": bf16, as the study
+    ft = finetune.parse_args(["--data", "fashion_mnist", "--data-root", args.small_data_root,
+                              "--img-size", "28", "--patch-size", "4", "--labels-per-class",
+                              str(per_class), "--max-images", str(args.small_images),
+                              "--batch-size", str(args.small_batch), "--num-workers",
+                              str(args.workers), "--precision", precision, "--compile", "off"])
+    train_set = data.build_dataset("fashion_mnist", ft.data_root, "train",
+                                   finetune.train_transform(ft))
+    train_set = data.per_class_subset(train_set, per_class, ft.subset_seed)
+    val_set = data.evenly_spaced(data.build_dataset("fashion_mnist", ft.data_root, "val",
+                                                    data.eval_transform(ft.img_size)),
+                                 args.small_images)
+    pin = device.type == "cuda"
+    train_loader = data.Loader(train_set, ft.batch_size, ft.seed, num_workers=ft.num_workers,
+                               pin_memory=pin)
+    val_loader = data.Loader(val_set, ft.batch_size, ft.seed, num_workers=ft.num_workers,
+                             shuffle=False, drop_last=False, pin_memory=pin).epoch(0)
+    torch.manual_seed(ft.seed)
+    model = finetune.prepare_model(ft, 10, device)
+    optimizer = finetune.build_optimizer(ft, model, ft.blr * ft.batch_size / 256, device)
+    mixing = finetune.build_mixing(ft, 10)
+    epochs = []
+    evaluations = []
+    steps = 0
+    for epoch in range(2):
+        model.train()
+        start = time.perf_counter()
+        for imgs, labels in train_loader.epoch(epoch):  # finetune.py's step
+            imgs = imgs.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            targets = labels
+            if mixing is not None:
+                imgs, targets = mixing(imgs, labels)
+            with plumbing.autocast(device, precision):
+                logits = model(imgs)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=ft.smoothing)
+            loss.backward()
+            plumbing.optimizer_step(optimizer, ft.clip_grad)
+            steps += epoch == 0
+        sync(device)
+        epochs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        finetune.evaluate(model, val_loader, device, precision)
+        sync(device)
+        evaluations.append(time.perf_counter() - start)
+    row = dict(bench="finetune_fmnist_epoch", images=steps * ft.batch_size, steps=steps,
+               batch=ft.batch_size, workers=ft.num_workers, precision=precision,
+               img_size=ft.img_size, patch_size=ft.patch_size, first_epoch_s=epochs[0],
+               epoch_s=epochs[1], images_per_s=steps * ft.batch_size / epochs[1],
+               val_images=len(val_set), first_eval_s=evaluations[0], eval_s=evaluations[1])
+    print(f"  fine-tuning epoch, Fashion-MNIST {row['images']} images: {row['epoch_s']:.1f} s "
+          f"({row['first_epoch_s']:.1f} s the first), evaluation {row['eval_s']:.1f} s",
+          flush=True)
+    return [row]
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 
-def print_table(rows, loader_rows, device):
+def print_table(rows, loader_rows, device, small_rows=()):
     print(f"\n{'bench':<17}{'compile':>8}{'prec':>6}{'batch':>6}{'ms/step':>10}{'img/s':>10}"
           f"{'peak MiB':>10}{'GFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}  vs timm (no fused attn)")
     for r in rows:
@@ -368,6 +468,13 @@ def print_table(rows, loader_rows, device):
               + (f"{r['steady_images_per_s']:.0f} after the first {r['fill_batches']} batches"
                  if r["steady_images_per_s"] else "no steady rate")
               + f" ({r['images']} JPEGs of 500x375)")
+    for r in small_rows:
+        print(f"fine-tuning epoch, Fashion-MNIST ({r['images']} images, {r['img_size']} px, "
+              f"patch {r['patch_size']}, batch {r['batch']}, {r['workers']} workers, "
+              f"{r['precision']}, loader included): {r['epoch_s']:.1f} s, "
+              f"{r['images_per_s']:.0f} images/s ({r['first_epoch_s']:.1f} s the first epoch); "
+              f"evaluation of {r['val_images']} images {r['eval_s']:.1f} s "
+              f"({r['first_eval_s']:.1f} s the first)")
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
 
@@ -400,6 +507,12 @@ def get_parser():
     p.add_argument("--loader-batch", type=int, default=256, help="batch of the loader bench")
     p.add_argument("--workers", type=int, default=None,
                    help="loader worker processes (default: all CPU cores, at most 16)")
+    p.add_argument("--small-images", type=int, default=5000,
+                   help="training images of the Fashion-MNIST fine-tuning epoch row, 1/10 of "
+                        "them a class (the study's 5,000; 0: skip the row)")
+    p.add_argument("--small-batch", type=int, default=128, help="batch of that row")
+    p.add_argument("--small-data-root", default=data.FASHION_MNIST_DIR,
+                   help="folder of Fashion-MNIST's IDX files for that row")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p
 
@@ -407,7 +520,7 @@ def get_parser():
 RANGES = {"img_size": "[1, inf)", "patch_size": "[1, inf)", "batch_size": "[1, inf)",
           "steps": "[1, inf)", "warmup": "[0, inf)", "repeats": "[1, inf)",
           "peak_tflops": "(0, inf)", "jpegs": "[0, inf)", "loader_batch": "[1, inf)",
-          "workers": "[0, inf)"}
+          "workers": "[0, inf)", "small_images": "[0, inf)", "small_batch": "[1, inf)"}
 
 
 def main(argv=None):
@@ -448,19 +561,26 @@ def main(argv=None):
           + (f", compile mode {args.compile_mode}" if args.compile_mode else ""), flush=True)
     rows = bench_models(args, device)
     loader_rows = bench_loaders(args, device) if args.jpegs > 0 else []
-    print_table(rows, loader_rows, device)
-    save(args, device, rows, loader_rows)
-    return rows, loader_rows
+    small_rows = []
+    if args.small_images > 0:
+        try:
+            small_rows = bench_small_epoch(args, device)
+        except data.DataError as e:
+            print(f"skipping the Fashion-MNIST epoch row ({e}); set --small-data-root and "
+                  "--small-images (0: skip it)")
+    print_table(rows, loader_rows, device, small_rows)
+    save(args, device, rows, loader_rows, small_rows)
+    return rows, loader_rows, small_rows
 
 
-def save(args, device, rows, loader_rows):
+def save(args, device, rows, loader_rows, small_rows=()):
     """Write the results so far to --out (if given), atomically."""
     if not args.out:
         return
     with open(args.out + ".tmp", "w") as f:
         json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                    else str(device), "torch": torch.__version__, "args": vars(args), "steps": rows,
-                   "loaders": loader_rows}, f, indent=1)
+                   "loaders": loader_rows, "small_data": list(small_rows)}, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
 
 

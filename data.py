@@ -1,10 +1,11 @@
 """data.py: datasets, transforms and loaders for nanoMIM.
 
 build_dataset(name, root, split, transform) returns a dataset of (image tensor, label) pairs, or
-None in place of a sample whose file could not be read; make_loader() batches it into (images,
-labels), leaving those Nones out and counting them into a BadImages, so one corrupt JPEG never
-stops a multi-day run (BadImages stops it when too many are bad). `synthetic` needs no files and
-is the default of `python mae.py`.
+None in place of a sample whose file could not be read; a Loader batches it into (images,
+labels), epoch by epoch, with workers that live for the run, leaving those Nones out and
+counting them into a BadImages, so one corrupt JPEG never stops a multi-day run (BadImages
+stops it when too many are bad). `synthetic` needs no files and is the default of
+`python mae.py`.
 """
 import functools
 import gzip
@@ -30,7 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"bicubic": [InterpolationMode.BICUBIC], "bilinear": [InterpolationMode.BILINEAR],
                   "random": [InterpolationMode.BILINEAR, InterpolationMode.BICUBIC]}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-DATASETS = ("synthetic", "imagefolder", "fashion_mnist", "cifar10", "cifar100", "flowers102",
+DATASETS = ("synthetic", "imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100", "flowers102",
             "pets", "aircraft", "cars")
 NUM_CLASSES = {"synthetic": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
                "flowers102": 102, "pets": 37, "aircraft": 100, "cars": 196}
@@ -254,6 +255,34 @@ def _imagefolder(root, split):
         raise DataError(f"no images found in {folder} ({e}): {layout}") from None
 
 
+class ImageTree(Dataset):
+    """--data folder: every image file under root, at any depth, for pre-training without labels
+    (label 0 for all). .samples as ImageFolder's, so bad-image reports name the file. The val
+    split is the same tree (it only feeds a run's pictures)."""
+
+    def __init__(self, root):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        self.samples = [(os.path.join(folder, f), 0) for folder, _, files in sorted(os.walk(root))
+                        for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        if not self.samples:
+            raise DataError(f"no image files found under {root} (looked for "
+                            f"{', '.join(IMG_EXTENSIONS)} at any depth): check --data-root")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return load_rgb(self.samples[index][0]), 0
+
+
+def image_files(name, root, split):
+    """The file-backed datasets (imagefolder, folder): their (path, label) samples' dataset."""
+    if not os.path.isdir(root):
+        raise DataError(f"--data-root {root} is not a folder")
+    return ImageTree(root) if name == "folder" else _imagefolder(root, split)
+
+
 def _torchvision(name, root, split, download):
     from torchvision import datasets as tvd
 
@@ -289,8 +318,8 @@ def build_raw_dataset(name, root=None, split="train", download=False, synthetic_
         return FashionMNIST(root or FASHION_MNIST_DIR, split)
     if root is None:
         raise DataError(f"--data {name} needs --data-root (the folder that holds the data)")
-    if name == "imagefolder":
-        return _imagefolder(root, split)
+    if name in ("imagefolder", "folder"):
+        return image_files(name, root, split)
     if name in NUM_CLASSES:
         return _torchvision(name, root, split, download)
     raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -381,22 +410,116 @@ def collate_skipping_bad(batch):
 
 def make_loader(dataset, batch_size, epoch, seed, rank=0, world_size=1, num_workers=4,
                 shuffle=True, drop_last=True, pin_memory=False, bad_images=None):
-    """One epoch's loader of (images, labels), unreadable images left out (and counted into
-    bad_images, a BadImages, when given). Order and augmentation depend only on (seed, epoch,
-    rank), so a run resumed at an epoch boundary sees exactly the batches an uninterrupted run
-    would. shuffle=False with drop_last=False (evaluation) shards the images exactly: each is
-    seen once, by one process."""
-    if shuffle or drop_last:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
-        sampler.set_epoch(epoch)
-    else:  # evaluation: each image exactly once over all processes (DistributedSampler would
-        sampler = range(rank, len(dataset), world_size)  # repeat some to even out the shards)
+    """One epoch of a Loader (below), for a one-off pass (analysis, tests): the same batches as
+    epoch `epoch` of a run's Loader; its workers end when the returned loader is dropped."""
+    loader = Loader(dataset, batch_size, seed, rank=rank, world_size=world_size,
+                    num_workers=num_workers, shuffle=shuffle, drop_last=drop_last,
+                    pin_memory=pin_memory)
+    return loader.epoch(epoch, bad_images)
+
+
+class Loader:
+    """A run's loader of (images, labels) over a build_dataset dataset: one DataLoader whose
+    worker processes live for the whole run (persistent_workers), instead of starting anew for
+    every epoch and every evaluation. epoch(e, bad_images) is epoch e's pass, unreadable images
+    left out (and counted into bad_images, a BadImages, when given).
+
+    Order and augmentation depend only on (seed, epoch, rank), so a run resumed at an epoch
+    boundary sees exactly the batches an uninterrupted run would: the sampler is set to the
+    epoch, and each worker reseeds its RNGs at its first image of each pass with the seeds that
+    a DataLoader started for that epoch alone would have given it (EpochSeeded; with
+    num_workers=0 the augmentation draws from the main process's RNG, which the training loops
+    reseed every epoch). shuffle=False with drop_last=False (evaluation) shards the images
+    exactly: each is seen once, by one process."""
+
+    def __init__(self, dataset, batch_size, seed, rank=0, world_size=1, num_workers=4,
+                 shuffle=True, drop_last=True, pin_memory=False):
+        if shuffle or drop_last:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                         shuffle=shuffle, seed=seed, drop_last=drop_last)
+        else:  # evaluation: each image exactly once over all processes (DistributedSampler would
+            sampler = range(rank, len(dataset), world_size)  # repeat some to even out the shards)
+        self.sampler = EpochTagged(sampler)
+        self.loader = DataLoader(EpochSeeded(dataset, seed, rank), batch_size=batch_size,
+                                 sampler=self.sampler, num_workers=num_workers,
+                                 collate_fn=collate_skipping_bad, drop_last=drop_last,
+                                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                 # its own generator: starting a pass must not draw from the
+                                 # global RNG that the masks (and, without workers, the
+                                 # augmentation) use
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.loader)  # batches per epoch
+
+    def epoch(self, epoch, bad_images=None):
+        """Epoch `epoch`'s (images, labels); iterate it before calling epoch() again."""
+        self.sampler.set_epoch(epoch)
+        return Readable(self.loader, bad_images)
+
+
+class EpochTagged(torch.utils.data.Sampler):
+    """The indices of `sampler`, each as ((epoch, pass), index): the tag tells EpochSeeded in a
+    worker process when a new pass begins, and of which epoch (the sampler runs in the main
+    process; a worker sees only the indices it is sent)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+        self.passes = 0  # passes begun so far, over all epochs
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):  # DistributedSampler: the epoch's order
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        self.passes += 1
+        tag = (self.epoch, self.passes)
+        return ((tag, index) for index in self.sampler)
+
+
+class EpochSeeded(Dataset):
+    """dataset[index] for an item (tag, index) of EpochTagged. In a loader worker, the first item
+    of each pass first reseeds the worker's RNGs for the tag's epoch (seed_worker): a persistent
+    worker then draws the augmentations that a worker started for that epoch alone would."""
+
+    def __init__(self, dataset, seed, rank):
+        self.dataset = dataset
+        self.seed = seed
+        self.rank = rank
+        self.tag = None  # the pass this worker process served last (each worker has its copy)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        tag, index = item
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and tag != self.tag:
+            self.tag = tag
+            seed_worker(self.seed, tag[0], self.rank, worker.id)
+        return self.dataset[index]
+
+
+def seed_worker(seed, epoch, rank, worker_id):
+    """Seed this loader worker's RNGs as torch's DataLoader seeds worker `worker_id` at its start
+    when the loader's generator is seeded with run_seed(seed, epoch, rank): the base seed is the
+    generator's first int64; torch and random get base + worker_id, numpy torch's hash of the two
+    (_generate_state in torch/utils/data/_utils/worker.py). Those were the seeds of the loaders
+    made anew every epoch before the workers persisted, so the numbers are unchanged."""
     generator = torch.Generator().manual_seed(run_seed(seed, epoch, rank))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_skipping_bad, drop_last=drop_last,
-                        pin_memory=pin_memory, generator=generator)
-    return Readable(loader, bad_images)
+    base_seed = torch.empty((), dtype=torch.int64).random_(generator=generator).item()
+    torch.manual_seed(base_seed + worker_id)
+    random.seed(base_seed + worker_id)
+    try:
+        from torch.utils.data._utils.worker import _generate_state
+        np.random.seed(_generate_state(base_seed, worker_id))
+    except ImportError:  # a torch without it: still a seed of (seed, epoch, rank, worker) alone
+        np.random.seed((base_seed + worker_id) % 2 ** 32)
 
 
 class Readable:
@@ -603,8 +726,9 @@ class DeviceLoader:
     the training loop), so a resumed run sees the same crops."""
 
     def __init__(self, root, batch_size, seed, device, img_size, min_scale=0.2, rank=0,
-                 world_size=1, num_workers=4, split="train", interpolation="bicubic"):
-        folder = _imagefolder(root, split)
+                 world_size=1, num_workers=4, split="train", interpolation="bicubic",
+                 data="imagefolder"):
+        folder = image_files(data, root, split)
         self.dataset = FileBytes(folder.samples)
         self.device = device
         self.img_size = img_size

@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiera import HIERA_CONFIGS, Hiera
-from model import ViT, attention_logits, build_model, init_mae_weights, load_pretrained
+from model import (ViT, attention_logits, build_model, init_mae_weights, load_pretrained,
+                   read_checkpoint)
 
 
 class DistillError(ValueError):
@@ -43,13 +44,16 @@ def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2, trust=
     model.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours, plain state
     dicts, Hiera files. Every encoder key and the ViT's final norm must be present with the right
     shape. A Hiera teacher is built with the student's q_pool (its MAE files have no final norm,
-    which attention distillation does not use). trust: unpickle the file in full."""
+    which attention distillation does not use). A ViT teacher must fit the student's images
+    (check_teacher_fits). trust: unpickle the file in full."""
+    state, heads = read_checkpoint(path, trust)
     if model_name in HIERA_CONFIGS:
         teacher = build_model(model_name, img_size=img_size, num_classes=0, q_pool=q_pool)
     else:
+        check_teacher_fits(state, path, img_size, patch_size)
         teacher = build_model(model_name, img_size=img_size, patch_size=patch_size)
-    report = load_pretrained(teacher, path, verbose=False, trust=trust,
-                             flag="--teacher-model")
+    report = load_pretrained(teacher, state, verbose=False, heads=heads, flag="--teacher-model",
+                             name=path)
     if isinstance(teacher, Hiera):
         report["initialised"] = [k for k in report["initialised"] if not k.startswith("norm.")]
     if report["initialised"]:  # e.g. no final norm: the teacher would be partly random
@@ -64,6 +68,28 @@ def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2, trust=
     print(f"teacher {model_name} from {path}: {len(report['loaded'])} tensors loaded, "
           f"{len(report['dropped'])} pre-training-only tensors dropped")
     return teacher
+
+
+def check_teacher_fits(state, path, img_size, patch_size):
+    """A ViT teacher must cut the student's images into the same patches: the same patch size
+    (patch_embed) and the same image size (the square grid of its pos_embed, cls first). A
+    resized position table would run, but on images at a scale the teacher never saw."""
+    weight = state.get("patch_embed.proj.weight")
+    pos = state.get("pos_embed")
+    if weight is None or pos is None or weight.ndim != 4 or pos.ndim != 3:
+        return  # load_pretrained names what is missing
+    teacher_patch = weight.shape[-1]
+    side = math.isqrt(pos.shape[1] - 1)
+    teacher_img = side * teacher_patch if side * side == pos.shape[1] - 1 else img_size
+    if (teacher_img, teacher_patch) == (img_size, patch_size):
+        return
+    raise DistillError(f"teacher {path} sees {teacher_img}-px images in {teacher_patch}-px "
+                       f"patches but the student {img_size}-px images in {patch_size}-px patches: "
+                       f"give the student --img-size {teacher_img} --patch-size {teacher_patch}, "
+                       "or distil from a teacher pre-trained at the student's size (mae.py "
+                       f"--model vit_small --img-size {img_size} --patch-size {patch_size} "
+                       "--out-dir out/teacher, then --teacher out/teacher/checkpoint.pth "
+                       "--teacher-model vit_small)")
 
 
 def default_teacher_layer(student_layer, student_depth, teacher_depth, target="attn",

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import data
 import plumbing
+import weights
 from hiera import HIERA_CONFIGS
 from model import (PRESETS, VIT_CONFIGS, CheckpointError, build_model, load_pretrained,
                    read_hub_config, read_state_dict)
@@ -345,7 +346,12 @@ def get_parser():
     p = argparse.ArgumentParser(description="Fine-tune, transfer or linearly probe a ViT.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", default=None,
-                   help="checkpoint to start from (ours, FAIR MAE, MAE-Lite, timm); none: scratch")
+                   help="checkpoint to start from (ours, FAIR MAE, MAE-Lite, timm) or a published "
+                        f"name ({weights.names_text()}; --list-weights), downloaded once into "
+                        "torch's hub cache; none: scratch")
+    p.add_argument("--list-weights", action=weights.ListWeights,
+                   help="print the published weights --init takes by name (architecture, source, "
+                        "licence) and exit")
     p.add_argument("--recipe", default="impr", choices=sorted(RECIPES),
                    help="set of defaults: impr (papers), mae (FAIR), transfer, linprobe")
     p.add_argument("--model", default="vit_tiny", choices=sorted(PRESETS) + sorted(HIERA_CONFIGS),
@@ -486,12 +492,19 @@ def parse_args(argv=None):
     plumbing.warmup_from_fraction(args, RECIPES[args.recipe]["warmup_epochs"]
                                   / RECIPES[args.recipe]["epochs"])
     validate(args, parser)
+    try:  # a name -> its file in the hub cache (downloaded once); from here on a path
+        args.init = weights.resolve(args.init, "--init")
+    except weights.WeightsError as e:
+        sys.exit(f"error: {e}")
     return args
 
 
 def init_source_args(path):
     """The architecture flags an --init file states: our checkpoints' args, or the config.json
-    of timm's hub layout beside it (what --export writes); {} for files that say nothing."""
+    of timm's hub layout beside it (what --export writes), a published name's (weights.py); {}
+    for files that say nothing."""
+    if path in weights.WEIGHTS:
+        return weights.stated_args(path)
     stored = plumbing.checkpoint_args(path)
     if stored:
         return stored
@@ -532,7 +545,13 @@ def validate(args, parser):
     """Each flag's range (RANGES), then the rules that tie flags together, with a message that
     names the fix."""
     plumbing.check_ranges(parser, args, RANGES)
-    plumbing.check_out_dir(parser, args.out_dir)
+    if args.eval or args.export:  # they write no checkpoint
+        plumbing.check_out_dir(parser, args.out_dir)
+    else:
+        plumbing.check_new_run(parser, args)
+    if args.data == "folder":
+        parser.error("--data folder has no labels: fine-tuning needs one sub-folder per class "
+                     "(--data imagefolder)")
     hiera = args.model in HIERA_CONFIGS
     if hiera and (args.rel_pos or args.global_pool == "token"):
         parser.error("Hiera mean-pools its tokens and has no relative position bias: drop "
@@ -548,6 +567,9 @@ def validate(args, parser):
                          f"({args.model} has {depth} blocks)")
     if (args.eval or args.export) and args.init is None:
         parser.error("--eval / --export need --init (the checkpoint to evaluate or export)")
+    if args.init in weights.WEIGHTS and weights.WEIGHTS[args.init]["model"] != args.model:
+        parser.error(f"--init {args.init} is a {weights.WEIGHTS[args.init]['model']}: drop --model "
+                     f"{args.model} (or give --model {weights.WEIGHTS[args.init]['model']})")
     if args.lr is not None and len(args.lr) > 1 and args.resume:
         parser.error("--resume continues one run; give a single --lr")
     if not hiera and args.img_size % args.patch_size:
@@ -596,15 +618,15 @@ def export(args):
         raise CheckpointError("--export writes timm's VisionTransformer; a Hiera checkpoint "
                               "already has the official Hiera keys (timm's hiera "
                               "checkpoint_filter_fn converts them)")
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise CheckpointError("--export writes model.safetensors, which needs the safetensors "
-                              "package: pip install safetensors") from None
     if (os.path.exists(args.export) and not os.path.isdir(args.export)) or \
             args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
         raise CheckpointError(f"--export {args.export} names a file: give a folder (it will "
                               "hold model.safetensors and config.json)")
+    try:  # the destination first: a bad one is named even without the package
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("--export writes model.safetensors, which needs the safetensors "
+                              "package: pip install safetensors") from None
     model = prepare_model(args, checkpoint_num_classes(args.init, args.trust_checkpoint),
                           torch.device("cpu"))
     if args.rel_pos or args.recipe == "linprobe":
@@ -664,9 +686,9 @@ def train(args):
     val_set = data.evenly_spaced(val_set, args.max_images)
     module = prepare_model(args, num_classes, device)
     compiled = plumbing.maybe_compile(module, use_compile)
-    val_loader = data.make_loader(val_set, args.batch_size, 0, args.seed, rank=rank,
-                                  world_size=world_size, num_workers=args.num_workers,
-                                  shuffle=False, drop_last=False, pin_memory=device.type == "cuda")
+    val_loader = data.Loader(val_set, args.batch_size, args.seed, rank=rank,
+                             world_size=world_size, num_workers=args.num_workers, shuffle=False,
+                             drop_last=False, pin_memory=device.type == "cuda").epoch(0)
     if args.eval:
         head = checkpoint_num_classes(args.init, args.trust_checkpoint)
         if head != num_classes:
@@ -680,7 +702,8 @@ def train(args):
 
     os.makedirs(args.out_dir, exist_ok=True)
     last_path, best_path = (os.path.join(args.out_dir, n) for n in ("checkpoint.pth", "best.pth"))
-    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
+    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
+                             tensorboard=args.tensorboard)
     train_set = data.build_dataset(args.data, args.data_root, "train", train_transform(args),
                                    args.download, args.synthetic_size, args.img_size)
     if class_names(train_set) != class_names(val_set):
@@ -691,6 +714,9 @@ def train(args):
     if args.labels_per_class is not None:  # the data-insufficient regime: a few labels a class
         train_set = data.per_class_subset(train_set, args.labels_per_class, args.subset_seed)
     train_set = data.evenly_spaced(train_set, args.max_images)
+    train_loader = data.Loader(train_set, args.batch_size, args.seed, rank=rank,
+                               world_size=world_size, num_workers=args.num_workers,
+                               pin_memory=device.type == "cuda")  # workers live for the run
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(  # one run: one lr
         args, len(train_set), world_size, lr=args.lr[0] if args.lr else None)
     optimizer = build_optimizer(args, module, lr, device)
@@ -730,9 +756,7 @@ def train(args):
     for epoch in range(start_epoch, args.epochs):
         plumbing.seed_everything(args.seed, epoch, rank)
         model.train()
-        loader = data.make_loader(train_set, args.batch_size, epoch, args.seed, rank=rank,
-                                  world_size=world_size, num_workers=args.num_workers,
-                                  pin_memory=device.type == "cuda", bad_images=bad_images)
+        loader = train_loader.epoch(epoch, bad_images)
         batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
@@ -796,6 +820,7 @@ def train(args):
 
         if viewers.write_run_curves(args.out_dir):
             plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
+        log.add_pictures(args.out_dir, step)
     return dict(result, best_top1=best["top1"])
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 import data
 import distill
 import plumbing
+import weights
 from hiera import HIERA_CONFIGS, Hiera
 from model import (VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, load_pretrained,
                    sincos_pos_embed)
@@ -326,10 +327,16 @@ def get_parser():
                    help="regress raw (normalised-image) pixels instead of per-patch normalised")
     g = p.add_argument_group("distillation from a teacher (see distill.py)")
     g.add_argument("--teacher", default=None,
-                   help="teacher checkpoint (FAIR MAE, MAE-Lite, ours); enables distillation")
+                   help="teacher: a checkpoint (FAIR MAE, MAE-Lite, ours) or a published name ("
+                        f"{weights.names_text()}; --list-weights), downloaded once into torch's "
+                        "hub cache; enables distillation. None given with --distill-layer: the "
+                        "papers' mae_vit_base on real data at 224 px, patch 16; on the synthetic "
+                        "demo a vit_small MAE trained first into out/demo_teacher (beside "
+                        "--out-dir), then reused")
     g.add_argument("--teacher-model", default="vit_base",
                    choices=list(VIT_CONFIGS) + list(HIERA_CONFIGS),
-                   help="teacher architecture (Hiera students: hiera_base)")
+                   help="teacher architecture (a published --teacher: its own; Hiera students: "
+                        "hiera_base)")
     g.add_argument("--distill-target", default="attn", choices=["attn", "rep", "relation"],
                    help="attention maps (D-MAE), representations, or TinyMIM Q-K/V-V relations")
     g.add_argument("--distill-on", default="logits", choices=["logits", "probs"],
@@ -386,10 +393,15 @@ def get_parser():
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the gradient norm to this value (none or 0: no clipping)")
     plumbing.add_run_flags(p, "out/mae")
+    plumbing.add_monitor_flags(p)
     p.add_argument("--init", default=None,
                    help="warm start: weights of an encoder or encoder + decoder checkpoint (ours, "
-                        "FAIR's, MAE-Lite's, timm's .safetensors), with a fresh optimizer and "
-                        "schedule (unlike --resume)")
+                        "FAIR's, MAE-Lite's, timm's .safetensors) or a published name (e.g. "
+                        "mae_vit_base_full; --list-weights), with a fresh optimizer and schedule "
+                        "(unlike --resume)")
+    p.add_argument("--list-weights", action=weights.ListWeights,
+                   help="print the published weights --teacher and --init take by name "
+                        "(architecture, source, licence) and exit")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle --init / --teacher files in full (only for files you trust: a "
                         "pickle can run code); by default only tensors and argparse.Namespace")
@@ -439,11 +451,15 @@ def parse_args(argv=None):
     if auto and given.resume and given.init:  # a relaunched warm start: the run continues
         plumbing.print0(f"--resume auto: the run continues, so --init {given.init} is not read")
         given.init = None
-    source = plumbing.checkpoint_args(given.init) if given.init else {}  # ours: its architecture
+    source = {}  # ours or a published name: its architecture
+    if given.init:
+        source = weights.stated_args(given.init) or plumbing.checkpoint_args(given.init)
     source = {k: v for k, v in source.items() if k in INIT_ARGS}
     parser.set_defaults(**source)  # its --model first, so the presets below are that model's
     model = parser.parse_known_args(argv)[0].model
     parser.set_defaults(**PRETRAIN_DEFAULTS[model])
+    if given.teacher in weights.WEIGHTS:  # a published teacher names its architecture
+        parser.set_defaults(teacher_model=weights.WEIGHTS[given.teacher]["model"])
     if given.data == "synthetic":
         parser.set_defaults(**DEMO_DEFAULTS)
         if model in HIERA_CONFIGS:
@@ -458,12 +474,84 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.resume, args.init = given.resume, given.init
     plumbing.warmup_from_fraction(args, WARMUP_FRACTION)
+    if args.teacher is None and (args.distill_layer or args.teacher_layer):
+        default_teacher(args, parser)
     validate(args, parser)
+    try:  # names -> files in the hub cache (downloaded once); from here on only paths
+        args.init = weights.resolve(args.init, "--init")
+        args.teacher = weights.resolve(args.teacher, "--teacher")
+    except weights.WeightsError as e:
+        sys.exit(f"error: {e}")
     return args
 
 
+# The teacher the synthetic demo trains for itself (default_teacher): the papers' teacher sees
+# 224-px images in 16-px patches and cannot see the demo's 32-px images in 4-px patches.
+DEMO_TEACHER_MODEL = "vit_small"
+# The run's flags the demo teacher takes, so that it sees the same images in the same patches.
+DEMO_TEACHER_FLAGS = ("img_size", "patch_size", "synthetic_size", "batch_size", "num_workers",
+                      "precision", "compile", "knn_every")
+
+
+def demo_teacher_dir(out_dir):
+    """Beside the run's --out-dir: out/demo_teacher for the default out/mae."""
+    return os.path.join(os.path.dirname(os.path.normpath(out_dir)), "demo_teacher")
+
+
+def demo_teacher_argv(args):
+    """The demo teacher's mae.py flags: DEMO_TEACHER_MODEL, its folder, and the run's
+    DEMO_TEACHER_FLAGS that differ from the demo's defaults."""
+    parser = get_parser()
+    argv = ["--model", DEMO_TEACHER_MODEL, "--out-dir", demo_teacher_dir(args.out_dir)]
+    for key in DEMO_TEACHER_FLAGS:
+        if getattr(args, key) != DEMO_DEFAULTS.get(key, parser.get_default(key)):
+            argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    return argv
+
+
+def default_teacher(args, parser):
+    """--distill-layer / --teacher-layer without --teacher: a teacher that fits, said in the
+    run's first lines. Real data at the papers' size: the published MAE of --teacher-model
+    (mae_vit_base: the papers' teacher); the synthetic demo: a DEMO_TEACHER_MODEL MAE that
+    main() pre-trains on the same data into demo_teacher_dir (once, then reused); anything
+    else: one line naming the fix."""
+    if args.model in HIERA_CONFIGS:
+        parser.error("--distill-layer needs --teacher for a Hiera student: a Hiera MAE checkpoint "
+                     "with --teacher-model hiera_* (no Hiera weights are published by name)")
+    if args.data == "synthetic":
+        args.teacher = os.path.join(demo_teacher_dir(args.out_dir), "checkpoint.pth")
+        args.teacher_model = DEMO_TEACHER_MODEL
+        plumbing.print0(
+            f"--distill-layer without --teacher: the papers' teacher (mae_vit_base, 224-px images "
+            f"in 16-px patches) cannot see the synthetic demo's {args.img_size}-px images in "
+            f"{args.patch_size}-px patches, so the teacher is a {DEMO_TEACHER_MODEL} MAE "
+            f"pre-trained on the same images into {os.path.dirname(args.teacher)} (once; later "
+            f"runs reuse it). By hand: python mae.py {' '.join(demo_teacher_argv(args))}, then "
+            f"add --teacher {args.teacher} --teacher-model {DEMO_TEACHER_MODEL}")
+        return
+    published = [n for n, w in weights.WEIGHTS.items() if w["model"] == args.teacher_model]
+    if not published:
+        parser.error(f"--distill-layer needs --teacher: no published weight is a --teacher-model "
+                     f"{args.teacher_model} ({weights.names_text()} are vit_base / vit_large); "
+                     "give a checkpoint's path")
+    name = published[0]
+    entry = weights.WEIGHTS[name]
+    if (args.img_size, args.patch_size) != (entry["img_size"], entry["patch_size"]):
+        parser.error(f"--distill-layer needs --teacher: the papers' teacher {name} sees "
+                     f"{entry['img_size']}-px images in {entry['patch_size']}-px patches, this run "
+                     f"{args.img_size}-px images in {args.patch_size}-px patches; use --img-size "
+                     f"{entry['img_size']} --patch-size {entry['patch_size']}, or give --teacher a "
+                     "checkpoint at this size (pre-train one: python mae.py --model vit_small "
+                     f"--img-size {args.img_size} --patch-size {args.patch_size} and your --data "
+                     "flags --out-dir out/teacher)")
+    args.teacher = name
+    plumbing.print0(f"--distill-layer without --teacher: distilling from the papers' teacher, "
+                    f"--teacher {name} --teacher-model {args.teacher_model}: {entry['what']} "
+                    f"({entry['licence']}, {entry['url']})")
+
+
 # The range of every numeric flag (plumbing.check_ranges); the rules between flags follow.
-RANGES = {**plumbing.RUN_RANGES,
+RANGES = {**plumbing.RUN_RANGES, "knn_every": "[0, inf)", "knn_images": "[1, inf)",
           "img_size": "[1, inf)", "patch_size": "[1, inf)", "decoder_dim": "[1, inf)",
           "decoder_depth": "[1, inf)", "decoder_heads": "[1, inf)", "batch_size": "[1, inf)",
           "accum_iter": "[1, inf)", "epochs": "[1, inf)", "save_every": "[1, inf)",
@@ -477,7 +565,7 @@ def validate(args, parser):
     """Each flag's range (RANGES), then the rules that tie flags together, with a message that
     names the fix."""
     plumbing.check_ranges(parser, args, RANGES)
-    plumbing.check_out_dir(parser, args.out_dir)
+    plumbing.check_new_run(parser, args)
     hiera = args.model in HIERA_CONFIGS
     depth = model_depth(args.model)
     if hiera and args.recon_layer is not None:
@@ -500,8 +588,12 @@ def validate(args, parser):
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
         parser.error(f"--recon-layer {args.recon_layer} is beyond {args.model}'s {depth} blocks "
                      f"(choose 1..{depth})")
-    if args.teacher is None and (args.distill_layer or args.teacher_layer):
-        parser.error("--distill-layer / --teacher-layer need a --teacher checkpoint")
+    for flag, name, arch, arch_flag in (("--teacher", args.teacher, args.teacher_model,
+                                         "--teacher-model"),
+                                        ("--init", args.init, args.model, "--model")):
+        if name in weights.WEIGHTS and weights.WEIGHTS[name]["model"] != arch:
+            parser.error(f"{flag} {name} is a {weights.WEIGHTS[name]['model']}: drop {arch_flag} "
+                         f"{arch} (or give {arch_flag} {weights.WEIGHTS[name]['model']})")
     if hiera and args.img_size % 32:
         parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
                      "x mask unit 8)")
@@ -524,8 +616,9 @@ def validate(args, parser):
                      f"{args.epochs}")
     if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
         parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
-    if args.loader == "device" and args.data != "imagefolder":
-        parser.error("--loader device reads image files: use it with --data imagefolder")
+    if args.loader == "device" and args.data not in ("imagefolder", "folder"):
+        parser.error("--loader device reads image files: use it with --data imagefolder or "
+                     "--data folder")
     if args.max_images is not None and args.loader == "device":
         parser.error("--max-images works with --loader pil")
     if args.loader == "device" and args.student_color_jitter > 0:
@@ -611,6 +704,42 @@ def build_training_module(args, device):
     return module.to(device), student
 
 
+def train_demo_teacher(args):
+    """The synthetic demo's teacher (default_teacher), pre-trained before the student unless its
+    folder holds a finished run, which is reused as it is; an interrupted one continues
+    (--resume auto). The distillation flags are checked first against both shapes, so that a
+    wrong block number does not wait for a teacher."""
+    folder = os.path.dirname(args.teacher)
+    student = build_mae(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                        recon_layer=args.recon_layer)
+    teacher_shape = ViT(**VIT_CONFIGS[DEMO_TEACHER_MODEL], img_size=args.img_size,
+                        patch_size=args.patch_size)
+    student_layers, teacher_layers = distill_layers(args)
+    distill.validate_layout(student, teacher_shape, student_layers, teacher_layers,
+                            args.distill_target, args.teacher_input)
+    if os.path.isfile(args.teacher):
+        try:
+            ckpt = torch.load(args.teacher, map_location="cpu", weights_only=True, mmap=True)
+            stored = ckpt["args"]
+            finished = ckpt["epoch"] + 1 >= stored["epochs"]
+        except Exception:
+            raise distill.DistillError(f"the demo teacher {args.teacher} cannot be read: delete "
+                                       f"{folder} and run again (a new one is trained)") from None
+        sizes = (stored.get("img_size"), stored.get("patch_size"))
+        if sizes != (args.img_size, args.patch_size):
+            raise distill.DistillError(
+                f"the demo teacher in {folder} saw {sizes[0]}-px images in {sizes[1]}-px patches, "
+                f"this run {args.img_size}-px images in {args.patch_size}-px patches: move "
+                f"{folder} away (a new teacher is then trained there) or give --teacher")
+        if finished:
+            plumbing.print0(f"demo teacher: {args.teacher} ({stored['epochs']} epochs), reused")
+            return
+    argv = demo_teacher_argv(args)
+    plumbing.print0(f"pre-training the demo teacher first: python mae.py {' '.join(argv)}")
+    train(parse_args(argv + (["--resume", "auto"] if os.path.isfile(args.teacher) else [])))
+    plumbing.print0(f"demo teacher ready in {folder}; now the student, distilled from it")
+
+
 def warm_start(student, path, trust=False):
     """--init: the student's weights from any encoder or encoder + decoder checkpoint (through
     model.load_pretrained, which prints what it loaded); the optimizer and schedule start afresh.
@@ -653,7 +782,9 @@ def train(args):
     is_main = rank == 0
     os.makedirs(args.out_dir, exist_ok=True)
     last_path = os.path.join(args.out_dir, "checkpoint.pth")
-    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
+    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
+                             tensorboard=args.tensorboard)
+    monitor = plumbing.knn_monitor(args) if is_main else None
 
     plumbing.seed_everything(args.seed)
     module, student = build_training_module(args, device)
@@ -664,10 +795,11 @@ def train(args):
                                     device=device, img_size=args.img_size,
                                     min_scale=args.min_crop_scale, rank=rank,
                                     world_size=world_size, num_workers=args.num_workers,
-                                    interpolation=args.crop_interpolation)
+                                    interpolation=args.crop_interpolation, data=args.data)
         plumbing.print0(f"--loader device: JPEGs decoded by {data.jpeg_backend()}"
                         + (" (pip install torchcodec: torchvision's decoders are deprecated)"
                            if data.jpeg_backend() == "torchvision" else ""))
+        run_loader = dataset  # its workers too live for the run
     else:
         dataset = data.build_dataset(args.data, args.data_root, "train",
                                      data.pretrain_transform(
@@ -676,6 +808,9 @@ def train(args):
                                          uint8=True),  # normalised on the device, below
                                      args.download, args.synthetic_size, args.img_size)
         dataset = data.evenly_spaced(dataset, args.max_images)
+        run_loader = data.Loader(dataset, args.batch_size, args.seed, rank=rank,
+                                 world_size=world_size, num_workers=args.num_workers,
+                                 pin_memory=device.type == "cuda")  # workers live for the run
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(args, len(dataset), world_size,
                                                            lr=args.lr)
     ckpt = None
@@ -716,12 +851,7 @@ def train(args):
     t0 = time.time()
     for epoch in range(start_epoch, args.epochs):
         plumbing.seed_everything(args.seed, epoch, rank)
-        if args.loader == "device":
-            loader = dataset.epoch(epoch, bad_images)
-        else:
-            loader = data.make_loader(dataset, args.batch_size, epoch, args.seed, rank=rank,
-                                      world_size=world_size, num_workers=args.num_workers,
-                                      pin_memory=device.type == "cuda", bad_images=bad_images)
+        loader = run_loader.epoch(epoch, bad_images)
         batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
@@ -764,23 +894,28 @@ def train(args):
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
                                   step, last_path)
         if is_main:
+            knn = plumbing.monitor_epoch(monitor, args, epoch, student, device, log, step)
             ckpt = checkpoint_state(module, student, optimizer, scaler, epoch, step, args,
                                     bad_images, no_decay)
             plumbing.save_checkpoint(ckpt, last_path)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,
                                                             f"checkpoint-{epoch + 1}.pth"))
-            plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, "
+            plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}{knn}, "
                             f"skipped images {bad_images.skipped}, saved {last_path}")
 
     if is_main:
         write_figures(args, student, device)
+        log.add_pictures(args.out_dir, step)
     plumbing.cleanup_distributed()
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        demo_teacher = os.path.join(demo_teacher_dir(args.out_dir), "checkpoint.pth")
+        if args.data == "synthetic" and args.teacher == demo_teacher:
+            train_demo_teacher(args)
         train(args)
     except (data.DataError, CheckpointError, distill.DistillError, plumbing.RunError) as e:
         sys.exit(f"error: {e}")

@@ -216,12 +216,13 @@ def get_parser():
                    help="AdamW weight decay, on every parameter (as the papers' code)")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clip (0: off)")
     plumbing.add_run_flags(p, "out/moco")
+    plumbing.add_monitor_flags(p)
     p.add_argument("--save-every", type=int, default=20, help="also keep checkpoint-<epoch>.pth")
     return p
 
 
 DEMO_DEFAULTS = dict(img_size=32, patch_size=4, batch_size=64, epochs=8, warmup_epochs=1)
-RANGES = {**plumbing.RUN_RANGES,
+RANGES = {**plumbing.RUN_RANGES, "knn_every": "[0, inf)", "knn_images": "[1, inf)",
           "img_size": "[1, inf)", "patch_size": "[1, inf)", "mlp_dim": "[1, inf)",
           "out_dim": "[1, inf)", "temperature": "(0, inf)", "momentum": "[0, 1]",
           "min_crop_scale": "(0, 1]", "synthetic_size": "[1, inf)", "max_images": "[1, inf)",
@@ -247,7 +248,7 @@ def parse_args(argv=None):
     args.resume = given.resume
     plumbing.warmup_from_fraction(args, 0.1)
     plumbing.check_ranges(parser, args, RANGES)
-    plumbing.check_out_dir(parser, args.out_dir)
+    plumbing.check_new_run(parser, args)
     if args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
                      f"{args.patch_size}")
@@ -273,7 +274,9 @@ def train(args):
     is_main = rank == 0
     os.makedirs(args.out_dir, exist_ok=True)
     last_path = os.path.join(args.out_dir, "checkpoint.pth")
-    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main)
+    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
+                             tensorboard=args.tensorboard)
+    monitor = plumbing.knn_monitor(args) if is_main else None
 
     plumbing.seed_everything(args.seed)
     moco = build_moco(args)
@@ -287,6 +290,9 @@ def train(args):
                                  MocoViews(args.img_size, args.min_crop_scale), args.download,
                                  args.synthetic_size, args.img_size)
     dataset = data.evenly_spaced(dataset, args.max_images)
+    run_loader = data.Loader(dataset, args.batch_size, args.seed, rank=rank,
+                             world_size=world_size, num_workers=args.num_workers,
+                             pin_memory=device.type == "cuda")  # workers live for the run
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(args, len(dataset), world_size,
                                                            lr=args.lr)
     optimizer = torch.optim.AdamW([p for p in moco.parameters() if p.requires_grad], lr=lr,
@@ -315,9 +321,7 @@ def train(args):
     loss_sum, loss_count, t0 = 0.0, 0, time.time()
     for epoch in range(start_epoch, args.epochs):
         plumbing.seed_everything(args.seed, epoch, rank)
-        loader = data.make_loader(dataset, args.batch_size, epoch, args.seed, rank=rank,
-                                  world_size=world_size, num_workers=args.num_workers,
-                                  pin_memory=device.type == "cuda", bad_images=bad_images)
+        loader = run_loader.epoch(epoch, bad_images)
         batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    total=steps_per_epoch * args.accum_iter, leave=False)
@@ -351,6 +355,7 @@ def train(args):
             plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
                                   last_path)
         if is_main:
+            knn = plumbing.monitor_epoch(monitor, args, epoch, moco.encoder, device, log, step)
             state = {"model": moco.encoder.state_dict(), "moco": moco.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "step": step, "args": vars(args), **bad_images.state_dict()}
@@ -358,13 +363,14 @@ def train(args):
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 plumbing.save_checkpoint(state, os.path.join(args.out_dir,
                                                              f"checkpoint-{epoch + 1}.pth"))
-            plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}, saved "
+            plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}{knn}, saved "
                             f"{last_path}")
     if is_main:
         import viewers  # PIL figures
 
         if viewers.write_run_curves(args.out_dir):
             plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
+        log.add_pictures(args.out_dir, step)
     plumbing.cleanup_distributed()
 
 

@@ -646,12 +646,23 @@ def describe_vit(state, flag="--model"):
         f"i.e. {flag} {presets[0]}" if presets else "which no preset has")
 
 
+def file_img_size(state):
+    """' --img-size 224' for a ViT state dict whose square grid (pos_embed, cls first) and patch
+    give it, else ''."""
+    pos = state.get("pos_embed")
+    weight = state.get("patch_embed.proj.weight")
+    if pos is None or weight is None or pos.ndim != 3 or weight.ndim != 4:
+        return ""
+    side = math.isqrt(pos.shape[1] - 1)
+    return f" --img-size {side * weight.shape[-1]}" if side * side == pos.shape[1] - 1 else ""
+
+
 def _is_encoder_key(key, prefixes=ENCODER_PREFIXES):
     return key.startswith(prefixes)
 
 
 def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=(None, None),
-                    flag="--model"):
+                    flag="--model", name=None):
     """Load a checkpoint into `model` (a ViT, a Hiera, or a module built on one) and report.
 
     Accepts our checkpoints, FAIR MAE files ({"model": ...}, encoder-only or with the decoder),
@@ -668,7 +679,7 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
     and SAFE_GLOBALS. heads: (count, source) declared for a state dict passed in (a file says its
     own, see declared_heads); a ViT file declaring another count than the model is refused.
     flag: the command-line flag that picks this model (--model, --teacher-model, --model-a),
-    named in the messages.
+    named in the messages. name: what the messages call a state dict passed in (its file).
 
     Returns {"loaded": [...], "dropped": [...], "initialised": [...], "resized": [...],
     "extra_block": [...]}.
@@ -678,7 +689,9 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
     else:
         state = read_state_dict(path_or_state_dict)
     own = model.state_dict()
-    name = path_or_state_dict if isinstance(path_or_state_dict, str) else "the state dict"
+    if isinstance(path_or_state_dict, str):
+        name = path_or_state_dict
+    name = name or "the state dict"
     prefixes = getattr(model, "ENCODER_PREFIXES", ENCODER_PREFIXES)
     kind = type(model).__name__ if prefixes != ENCODER_PREFIXES else "ViT"
     extra_block = []
@@ -727,6 +740,10 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
                 raise CheckpointError(f"{name} has {key} for another grid ({tuple(value.shape)}"
                                       f" vs {tuple(target.shape)}): use the image and patch size "
                                       "it was fine-tuned with")
+            if key == "patch_embed.proj.weight" and value.shape[:2] == target.shape[:2]:
+                raise CheckpointError(f"{name} cuts images into {value.shape[-1]}-px patches but "
+                                      f"this model into {target.shape[-1]}-px ones: use "
+                                      f"--patch-size {value.shape[-1]}{file_img_size(state)}")
             if _is_encoder_key(key, prefixes) or key.startswith("norm."):
                 found = f"; it holds {describe_vit(state, flag)}" if kind == "ViT" else \
                     f" (pick the matching {flag})"

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import time
 
 import torch
 import torch.distributed as dist
@@ -131,10 +132,16 @@ def add_run_flags(parser, out_dir):
                         help="torch.compile the model (auto: on for CUDA)")
     parser.add_argument("--out-dir", default=out_dir,
                         help="checkpoints, log.jsonl and the run's pictures")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --out-dir that holds an earlier run's "
+                             "checkpoints, replacing them (without it such a run stops)")
     parser.add_argument("--resume", default=None,
                         help="continue a run exactly from a checkpoint.pth; flags not given take "
                              "its run's (auto: --out-dir's if there is one, else start)")
     parser.add_argument("--log-every", type=int, default=20, help="log every this many steps")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard scalars and the end-of-run pictures into "
+                             "--out-dir (pip install tensorboard; then tensorboard --logdir DIR)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                         help="deterministic GPU kernels (slower): a resumed run then repeats "
@@ -264,9 +271,39 @@ def check_resume_script(parser, path, script):
 
 
 def check_out_dir(parser, path, flag="--out-dir"):
-    """An output folder that is an existing file stops at once, not at the first save."""
+    """An output folder that is an existing file, or that cannot be created, stops at once (one
+    line), not at the first save."""
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"{flag} {path} is a file: give a folder (it will be created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{flag} {path} cannot be created ({e.strerror}): choose a writable folder")
+
+
+def earlier_checkpoints(out_dir):
+    """The checkpoint files an earlier run left in out_dir and in its sub-folders (a sweep's
+    lr<value>/), relative to out_dir."""
+    found = []
+    for folder, _, files in os.walk(out_dir):
+        found += [os.path.relpath(os.path.join(folder, f), out_dir) for f in files
+                  if f.endswith(".pth")]
+    return sorted(found)
+
+
+def check_new_run(parser, args):
+    """A new run (no --resume) into a folder that holds an earlier run's checkpoints stops with
+    one line naming the choices, unless --overwrite: a finished run is never replaced silently."""
+    check_out_dir(parser, args.out_dir)
+    check_tensorboard(parser, args)
+    if args.resume or args.overwrite:
+        return
+    found = earlier_checkpoints(args.out_dir)
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        parser.error(f"--out-dir {args.out_dir} holds an earlier run's checkpoints ({shown}): "
+                     "continue it with --resume auto, choose another --out-dir, or replace it "
+                     "with --overwrite")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,13 +464,86 @@ def warmup_from_fraction(args, fraction):
 
 
 class JsonlLog:
-    """Appends one JSON object per line to `path` (rank 0 only)."""
+    """Appends one JSON object per line to `path` (rank 0 only). tensorboard=True also writes
+    each record's numbers as TensorBoard scalars at its `step`, in the same folder (the JSONL
+    stays the record), and add_pictures() the run's PNGs."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, tensorboard=False):
         self.path = path
         self.enabled = enabled
+        self.board = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # checked by check_tensorboard
+
+            self.board = SummaryWriter(log_dir=os.path.dirname(path) or ".")
 
     def write(self, **record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+            self.board.flush()
+
+    def add_pictures(self, folder, step):
+        """The run's end-of-run pictures (curves.png, reconstruction.png, ...) as TensorBoard
+        images."""
+        if self.board is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".png"):
+                with Image.open(os.path.join(folder, name)) as img:
+                    pixels = np.asarray(img.convert("RGB"))
+                self.board.add_image(name[:-4], pixels, step, dataformats="HWC")
+        self.board.flush()
+
+
+def add_monitor_flags(parser):
+    """The kNN monitor of the pre-training scripts (mae.py, moco.py)."""
+    parser.add_argument("--knn-every", type=int, default=1,
+                        help="every this many epochs, the weighted kNN top-1 (k 20, T 0.07) of "
+                             "the encoder's features on labelled data (0: off; off without "
+                             "labels, --data folder)")
+    parser.add_argument("--knn-images", type=int, default=1000,
+                        help="labelled training images the kNN monitor fits (and half as many "
+                             "validation images it scores), fixed for the run")
+
+
+def knn_monitor(args):
+    """The run's analyze.KnnMonitor, or None when --knn-every is 0 or the data has no labels."""
+    if args.knn_every == 0:
+        return None
+    if args.data == "folder":
+        print0("kNN monitor off: --data folder has no labels")
+        return None
+    import analyze  # the kNN lives with the analyses
+
+    return analyze.KnnMonitor(args.data, args.data_root, args.img_size, args.knn_images,
+                              synthetic_size=args.synthetic_size)
+
+
+def monitor_epoch(monitor, args, epoch, encoder, device, log, step):
+    """The kNN monitor at the end of epoch `epoch` (0-indexed) when it is due: its top-1 and
+    seconds go to the log; returns the text for the epoch line ('' when not run)."""
+    if monitor is None or (epoch + 1) % args.knn_every:
+        return ""
+    start = time.time()
+    top1 = monitor(encoder, device)
+    seconds = time.time() - start
+    log.write(step=step, epoch=epoch + 1, knn_top1=top1, knn_seconds=seconds)
+    return f", kNN top-1 {top1:.2f} ({seconds:.1f} s)"
+
+
+def check_tensorboard(parser, args):
+    """--tensorboard needs the optional tensorboard package: one line if it is missing."""
+    if getattr(args, "tensorboard", False):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")

@@ -410,7 +410,8 @@ def points(records, x, y):
 def curve_panels(runs):
     """runs {label: records} -> [(title, x label, {label: points})]: training loss and lr by
     step (mae.py's lines, finetune.py's training lines), top-1 by epoch (finetune.py's
-    evaluation lines, which hold top1) when any run has them."""
+    evaluation lines, which hold top1) and the kNN monitor's top-1 by epoch when any run has
+    them."""
     train = {label: [r for r in records if "top1" not in r] for label, records in runs.items()}
     panels = [("loss", "step", {label: points(rs, "step", "loss") for label, rs in train.items()}),
               ("learning rate", "step", {label: points(rs, "step", "lr")
@@ -418,6 +419,9 @@ def curve_panels(runs):
     top1 = {label: points(records, "epoch", "top1") for label, records in runs.items()}
     if any(top1.values()):
         panels.append(("top-1 accuracy (%)", "epoch", top1))
+    knn = {label: points(records, "epoch", "knn_top1") for label, records in runs.items()}
+    if any(knn.values()):  # mae.py / moco.py --knn-every
+        panels.append(("kNN top-1 (%)", "epoch", knn))
     return panels
 
 

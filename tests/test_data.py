@@ -316,3 +316,41 @@ def test_the_evaluation_loader_keeps_its_workers_and_shards_exactly():
     assert [y.tolist() for _, y in first] == [[1, 3, 5, 7, 9], [11, 13, 15, 17, 19], [21, 23]]
     assert {int(p) for x, _ in first + second for p in x[:, 3]} == \
         {int(p) for x, _ in first for p in x[:, 3]}  # no new worker for the second pass
+
+
+@pytest.fixture
+def loaders_built(monkeypatch):
+    """Records each data.Loader with worker processes that the scripts build (its shuffle flag)
+    and each pass they ask of it (the epoch), in order. (Loaders without workers, such as the
+    kNN monitor's one-off passes, start no process and are left out.)"""
+    record = {"built": [], "passes": []}
+
+    class Recorded(data.Loader):
+        def __init__(self, dataset, *args, **kwargs):
+            super().__init__(dataset, *args, **kwargs)
+            self.recorded = kwargs.get("num_workers", 4) > 0
+            if self.recorded:
+                record["built"].append(kwargs.get("shuffle", True))
+
+        def epoch(self, epoch, bad_images=None):
+            if self.recorded:
+                record["passes"].append(epoch)
+            return super().epoch(epoch, bad_images)
+
+    monkeypatch.setattr(data, "Loader", Recorded)
+    return record
+
+
+@pytest.mark.parametrize("script", ["mae", "moco", "finetune"])
+def test_each_script_builds_its_loaders_once_a_run(script, tmp_path, loaders_built):
+    import importlib
+
+    flags = ["--img-size", "16", "--patch-size", "4", "--synthetic-size", "32", "--batch-size",
+             "8", "--num-workers", "1", "--epochs", "2", "--out-dir", str(tmp_path)]
+    if script == "finetune":
+        flags += ["--eval-every", "1"]
+    importlib.import_module(script).main(flags)
+    if script == "finetune":  # the evaluation's loader (one pass, read at each evaluation)
+        assert loaders_built == {"built": [False, True], "passes": [0, 0, 1]}
+    else:
+        assert loaders_built == {"built": [True], "passes": [0, 1]}

@@ -211,7 +211,9 @@ def test_d2mae_through_mae_py_trains_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--distill-layer", "12"], "need a --teacher"),
+    (["--distill-layer", "12", "--model", "hiera_tiny_lite"], "needs --teacher for a Hiera"),
+    (["--distill-layer", "12", "--data", "fashion_mnist", "--img-size", "32", "--patch-size", "4"],
+     "sees 224-px images in 16-px patches, this run 32-px images in 4-px patches"),
     (["--no-recon"], "without --teacher"),
     (["--teacher", "t.pth", "--distill-layer", "x"], "block numbers separated by commas"),
 ])
@@ -229,3 +231,53 @@ def test_bad_layer_against_models_is_one_line(tmp_path):
         mae.main(RUN + ["--teacher", str(teacher_path), "--distill-layer", "13", "--out-dir",
                         str(tmp_path / "o")])
     assert "--distill-layer 13 is beyond the student's 12 blocks" in str(exit_info.value.code)
+
+
+DEMO = ["--img-size", "16", "--patch-size", "4", "--synthetic-size", "16", "--batch-size", "8",
+        "--num-workers", "0", "--log-every", "1"]
+
+
+def test_the_design_card_command_trains_a_demo_teacher_once(tmp_path, capsys):
+    """`mae.py --distill-layer 12 --recon-layer 8` on the synthetic demo: a vit_small MAE
+    teacher is pre-trained beside --out-dir first, then reused; an interrupted one continues."""
+    teacher = tmp_path / "demo_teacher" / "checkpoint.pth"
+    with pytest.raises(SystemExit) as stopped:  # a wrong block is named before any training
+        mae.main(DEMO + ["--distill-layer", "13", "--out-dir", str(tmp_path / "a")])
+    assert "--distill-layer 13 is beyond" in str(stopped.value.code) and not teacher.exists()
+    # an interrupted teacher: 1 of 2 epochs done
+    mae.main(DEMO + ["--model", "vit_small", "--epochs", "1", "--out-dir", str(teacher.parent)])
+    ckpt = torch.load(teacher, weights_only=True)
+    ckpt["args"]["epochs"] = 2
+    torch.save(ckpt, teacher)
+    capsys.readouterr()
+    mae.main(DEMO + ["--distill-layer", "12", "--recon-layer", "8", "--epochs", "1",
+                     "--out-dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert out.startswith("--distill-layer without --teacher") and "vit_small" in out.split("\n")[0]
+    assert "pre-training the demo teacher first" in out
+    assert torch.load(teacher, weights_only=True)["epoch"] == 1  # it continued to its end
+    log = [r for r in read_log(tmp_path / "a" / "log.jsonl") if "loss" in r]  # the step records
+    assert log and all("recon_loss" in r and "distill_loss" in r for r in log)
+    args = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)["args"]
+    assert (args["teacher"], args["teacher_model"]) == (str(teacher), "vit_small")
+    written = teacher.stat().st_mtime_ns
+    mae.main(DEMO + ["--distill-layer", "12", "--recon-layer", "8", "--epochs", "1",
+                     "--out-dir", str(tmp_path / "b")])
+    assert "reused" in capsys.readouterr().out and teacher.stat().st_mtime_ns == written
+    with pytest.raises(SystemExit) as stopped:  # a teacher of other patches is not reused
+        mae.main(DEMO[4:] + ["--img-size", "32", "--patch-size", "8", "--distill-layer", "12",
+                             "--out-dir", str(tmp_path / "c")])
+    assert "saw 16-px images in 4-px patches, this run 32-px images in 8-px patches" in \
+        str(stopped.value.code)
+
+
+def test_a_teacher_of_other_patches_or_images_is_one_line(tmp_path):
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": fair_encoder_state_dict(width=192, depth=12, grid=4)}, path)
+    with pytest.raises(distill.DistillError, match="sees 16-px images in 4-px patches but the "
+                                                   "student 32-px images in 8-px patches"):
+        distill.load_teacher(str(path), "vit_tiny", img_size=32, patch_size=8)
+    with pytest.raises(distill.DistillError, match="sees 16-px images in 4-px patches but the "
+                                                   "student 32-px images in 4-px patches: give "
+                                                   "the student --img-size 16 --patch-size 4"):
+        distill.load_teacher(str(path), "vit_tiny", img_size=32, patch_size=4)

@@ -225,6 +225,16 @@ def test_export_to_a_file_path_is_refused(finetuned, tmp_path):
         finetune.main(["--init", str(out / "best.pth"), "--export", str(tmp_path / "x.pth")])
 
 
+def test_export_checks_the_destination_before_the_package(finetuned, tmp_path, monkeypatch):
+    out, _ = finetuned
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if not installed
+    with pytest.raises(SystemExit, match="give a folder"):
+        finetune.main(["--init", str(out / "best.pth"), "--export", str(tmp_path / "x.pth")])
+    with pytest.raises(SystemExit, match="pip install safetensors"):
+        finetune.main(["--init", str(out / "best.pth"), "--export", str(tmp_path / "hub")])
+    assert not (tmp_path / "hub").exists()
+
+
 def test_lars_step_by_hand():
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
@@ -246,10 +256,9 @@ def test_mixing_gives_probability_targets():
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
 
 
-def test_short_fine_tune_learns_fashion_mnist(tmp_path):
-    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
-        pytest.skip("apt-get install dataset-fashion-mnist")
-    rows = finetune.main(["--data", "fashion_mnist", "--max-images", "1000", "--img-size", "32",
+def test_short_fine_tune_learns_fashion_mnist(tmp_path, fmnist_slice):
+    rows = finetune.main(["--data", "fashion_mnist", "--data-root", fmnist_slice,
+                          "--max-images", "1000", "--img-size", "32",
                           "--patch-size", "8", "--batch-size", "32", "--epochs", "3",
                           "--warmup-epochs", "1", "--blr", "4e-3", "--rand-aug", "0",
                           "--mixup", "0", "--layer-decay", "1", "--num-workers", "0",

@@ -241,13 +241,17 @@ def test_device_loader_run_and_exact_resume(tmp_path):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-6
 
 
-def test_bench_smoke_on_cpu(tmp_path):
-    """bench.py in a tiny configuration: every step and both loaders run; no timing asserted."""
+def test_bench_smoke_on_cpu(tmp_path, fmnist_slice):
+    """bench.py in a tiny configuration: every step, both loaders and the Fashion-MNIST epoch
+    run; no timing asserted."""
     import bench
-    rows, loaders = bench.main(["--img-size", "32", "--patch-size", "8", "--batch-size", "2",
-                                "--steps", "1", "--warmup", "1", "--repeats", "1", "--jpegs", "14",
-                                "--workers", "0", "--loader-batch", "4",
-                                "--out", str(tmp_path / "bench.json")])
+    rows, loaders, small = bench.main(["--img-size", "32", "--patch-size", "8", "--batch-size",
+                                       "2", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                                       "--jpegs", "14", "--workers", "0", "--loader-batch", "4",
+                                       "--small-images", "40", "--small-batch", "8",
+                                       "--small-data-root", fmnist_slice,
+                                       "--out", str(tmp_path / "bench.json")])
+    assert small[0]["steps"] == 5 and small[0]["epoch_s"] > 0 and small[0]["val_images"] == 40
     names = {r["bench"] for r in rows}
     assert {"mae", "mae_distill", "finetune", "infer"} <= names
     assert all(r["images_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows)

@@ -1,0 +1,154 @@
+"""A run folder never loses work: a new run into a folder holding an earlier run's checkpoints
+stops with one line (and the earlier files are untouched) unless --resume or --overwrite; an
+out-dir that cannot be created gets one line from every script."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+import analyze
+import finetune
+import mae
+import moco
+import plumbing
+import study
+
+MAE = ["--img-size", "16", "--patch-size", "4", "--synthetic-size", "16", "--batch-size", "8",
+       "--num-workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--compile", "off"]
+MOCO = MAE + ["--mlp-dim", "32", "--out-dim", "16"]
+FINETUNE = MAE
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("script,flags", [(mae, MAE), (moco, MOCO), (finetune, FINETUNE)],
+                         ids=["mae", "moco", "finetune"])
+def test_a_finished_run_is_not_replaced(tmp_path, capsys, script, flags):
+    out = str(tmp_path / "run")
+    script.main(flags + ["--out-dir", out])
+    before = {f: digest(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".pth")}
+    assert "checkpoint.pth" in before
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(flags + ["--out-dir", out, "--seed", "1"])  # the same command, another seed
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert "holds an earlier run's checkpoints" in err and "checkpoint.pth" in err
+    assert "--resume auto" in err and "--overwrite" in err and "another --out-dir" in err
+    assert {f: digest(os.path.join(out, f)) for f in before} == before  # nothing replaced
+    script.main(flags + ["--out-dir", out, "--seed", "1", "--overwrite"])  # told to: it may
+    assert digest(os.path.join(out, "checkpoint.pth")) != before["checkpoint.pth"]
+
+
+def test_resume_auto_continues_instead(tmp_path):
+    out = str(tmp_path / "run")
+    mae.main(MAE + ["--out-dir", out])
+    mae.main(MAE + ["--out-dir", out, "--epochs", "2", "--resume", "auto"])
+    assert os.path.isfile(os.path.join(out, "checkpoint-2.pth"))
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = str(blocker / "sub")  # a folder under a file: makedirs fails (NotADirectoryError)
+    for script, flags in ((mae, MAE), (moco, MOCO), (finetune, FINETUNE)):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(flags + ["--out-dir", bad])
+        assert exit_info.value.code == 2
+        assert "cannot be created" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze.main(["attn", "--random-init", "vit_tiny", "--out-dir", bad])
+    assert "cannot be created" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot be created"):
+        study.main(["--preset", "smoke", "--out-dir", bad, "--data-root",
+                    os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-slice")])
+
+
+def test_pretraining_on_a_flat_folder_of_images(tmp_path, capsys):
+    """--data folder: images at any depth, no class folders; a corrupt file is skipped and
+    counted, as with imagefolder; fine-tuning on it is refused (no labels)."""
+    from PIL import Image
+
+    import data
+
+    root = tmp_path / "photos"
+    (root / "2024" / "june").mkdir(parents=True)
+    for i in range(14):
+        where = root if i % 2 else root / "2024" / "june"
+        Image.new("RGB", (20, 24), (i * 15, 100, 200 - i * 10)).save(where / f"img{i}.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "2024" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    ds = data.build_raw_dataset("folder", str(root), "train")
+    assert len(ds) == 15 and all(label == 0 for _, label in ds.samples)
+    out = tmp_path / "run"
+    mae.main(["--data", "folder", "--data-root", str(root), "--img-size", "16", "--patch-size",
+              "4", "--batch-size", "4", "--num-workers", "0", "--epochs", "1",
+              "--warmup-epochs", "0", "--compile", "off", "--out-dir", str(out)])
+    assert os.path.isfile(out / "checkpoint.pth")
+    log = open(out / "log.jsonl").read()
+    assert '"skipped_images": 1' in log or "broken.jpg" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.main(["--data", "folder", "--data-root", str(root), "--out-dir",
+                       str(tmp_path / "ft")])
+    assert "has no labels" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="no image files found"):
+        data.build_raw_dataset("folder", str(empty), "train")
+
+
+def test_knn_monitor_and_tensorboard_on_a_tiny_pretraining(tmp_path):
+    """Every epoch's kNN top-1 in log.jsonl, the epoch line and TensorBoard (read back with
+    tensorboard's own reader), with the end-of-run pictures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    mae.main(MAE + ["--epochs", "2", "--knn-images", "16", "--tensorboard", "--log-every", "1",
+                    "--out-dir", str(out)])
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [1, 2] and all(0 <= r["knn_top1"] <= 100 for r in knn)
+    events = EventAccumulator(str(out), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "images_per_s", "knn_top1"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("knn_top1")] == pytest.approx(
+        [r["knn_top1"] for r in knn])
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in rows if "loss" in r]
+    assert {"curves", "reconstruction"} <= set(tags["images"])
+
+
+def test_knn_monitor_is_off_without_labels_and_with_zero(tmp_path, capsys):
+    args = mae.parse_args(["--data", "folder", "--data-root", str(tmp_path)])
+    assert plumbing.knn_monitor(args) is None
+    assert "kNN monitor off: --data folder has no labels" in capsys.readouterr().out
+    assert plumbing.knn_monitor(mae.parse_args(["--knn-every", "0"])) is None
+
+
+def test_knn_monitor_scores_a_separating_encoder_near_100():
+    """An 'encoder' whose features are the image's mean colour per channel: on the synthetic
+    shapes those do not name the class, on images coloured by class they do."""
+    import data
+
+    monitor = analyze.KnnMonitor("synthetic", None, 16, images=40, synthetic_size=80)
+
+    class ByLabel(torch.nn.Module):  # features: a one-hot of the label, looked up by image
+        def __init__(self):
+            super().__init__()
+            self.table = {}
+            for ds in (monitor.train, monitor.val):
+                for img, y in (ds[i] for i in range(len(ds))):
+                    self.table[round(img.sum().item(), 1)] = y
+
+        def forward_features(self, imgs):
+            labels = torch.tensor([self.table[round(img.sum().item(), 1)] for img in imgs])
+            return torch.nn.functional.one_hot(labels, 10).float(), None, None
+
+        def forward_head(self, x):
+            return x
+
+    assert monitor(ByLabel(), torch.device("cpu")) == 100.0
+    assert len({y for _, y in (monitor.train[i] for i in range(40))}) == 10  # all classes
