@@ -285,17 +285,22 @@ class KnnMonitor:
     images and scored on images / 2 validation images, both drawn once (seed 0) for the run
     and centre-cropped. Costs one forward pass over 1.5 x `images` images."""
 
-    def __init__(self, name, root, img_size, images=1000, batch_size=256, synthetic_size=2000):
+    def __init__(self, name, root, img_size, images=None, batch_size=256, synthetic_size=2000):
         import data
 
-        def fixed(split, count):  # a seeded random draw: evenly spaced indices can alias with
-            dataset = data.build_dataset(name, root, split,  # a class-periodic file order
-                                         data.eval_transform(img_size),
-                                         synthetic_size=synthetic_size, img_size=img_size)
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        def split_set(split):
+            return data.build_dataset(name, root, split, data.eval_transform(img_size),
+                                      synthetic_size=synthetic_size, img_size=img_size)
+
+        def fixed(dataset, count):  # a seeded random draw: evenly spaced indices can alias
+            order = torch.randperm(len(dataset),  # with a class-periodic file order
+                                   generator=torch.Generator().manual_seed(0))
             return torch.utils.data.Subset(dataset, sorted(order[:count].tolist()))
 
-        self.train, self.val = fixed("train", images), fixed("val", max(1, images // 2))
+        train = split_set("train")
+        if images is None:  # a tenth of the training set, at most 1,000: a few % of an epoch
+            images = max(10, min(1000, len(train) // 10))
+        self.train, self.val = fixed(train, images), fixed(split_set("val"), max(1, images // 2))
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -305,8 +310,10 @@ class KnnMonitor:
         feats, labels = [], []
         for imgs, y in data.make_loader(dataset, self.batch_size, epoch=0, seed=0, num_workers=0,
                                         shuffle=False, drop_last=False):
-            feats.append(encoder.forward_head(encoder.forward_features(imgs.to(device))[0])
-                         .float().cpu())
+            tokens = encoder.forward_features(imgs.to(device))[0]
+            # a Hiera MAE has no head nor final norm (its decoder reads fused stages): the mean
+            pooled = encoder.forward_head(tokens) if hasattr(encoder, "head") else tokens.mean(1)
+            feats.append(pooled.float().cpu())
             labels.append(y)
         return torch.cat(feats), torch.cat(labels)
 

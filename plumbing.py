@@ -506,13 +506,14 @@ class JsonlLog:
 
 def add_monitor_flags(parser):
     """The kNN monitor of the pre-training scripts (mae.py, moco.py)."""
-    parser.add_argument("--knn-every", type=int, default=1,
+    parser.add_argument("--knn-every", type=int, default=0,
                         help="every this many epochs, the weighted kNN top-1 (k 20, T 0.07) of "
-                             "the encoder's features on labelled data (0: off; off without "
-                             "labels, --data folder)")
-    parser.add_argument("--knn-images", type=int, default=1000,
+                             "the encoder's features on labelled data (0: off; e.g. 1; off "
+                             "without labels, --data folder)")
+    parser.add_argument("--knn-images", type=int, default=None,
                         help="labelled training images the kNN monitor fits (and half as many "
-                             "validation images it scores), fixed for the run")
+                             "validation images it scores), drawn once for the run (none: a "
+                             "tenth of the training set, at most 1,000)")
 
 
 def knn_monitor(args):

@@ -107,7 +107,8 @@ def test_knn_monitor_and_tensorboard_on_a_tiny_pretraining(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    mae.main(MAE + ["--epochs", "2", "--knn-images", "16", "--tensorboard", "--log-every", "1",
+    mae.main(MAE + ["--epochs", "2", "--knn-every", "1", "--knn-images", "16", "--tensorboard",
+                    "--log-every", "1",
                     "--out-dir", str(out)])
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     knn = [r for r in rows if "knn_top1" in r]
@@ -122,10 +123,10 @@ def test_knn_monitor_and_tensorboard_on_a_tiny_pretraining(tmp_path):
 
 
 def test_knn_monitor_is_off_without_labels_and_with_zero(tmp_path, capsys):
-    args = mae.parse_args(["--data", "folder", "--data-root", str(tmp_path)])
+    args = mae.parse_args(["--data", "folder", "--data-root", str(tmp_path), "--knn-every", "1"])
     assert plumbing.knn_monitor(args) is None
     assert "kNN monitor off: --data folder has no labels" in capsys.readouterr().out
-    assert plumbing.knn_monitor(mae.parse_args(["--knn-every", "0"])) is None
+    assert plumbing.knn_monitor(mae.parse_args([])) is None  # off unless asked for
 
 
 def test_knn_monitor_scores_a_separating_encoder_near_100():
@@ -138,6 +139,7 @@ def test_knn_monitor_scores_a_separating_encoder_near_100():
     class ByLabel(torch.nn.Module):  # features: a one-hot of the label, looked up by image
         def __init__(self):
             super().__init__()
+            self.head = torch.nn.Identity()
             self.table = {}
             for ds in (monitor.train, monitor.val):
                 for img, y in (ds[i] for i in range(len(ds))):
