@@ -275,10 +275,12 @@ def check_out_dir(parser, path, flag="--out-dir"):
     line), not at the first save."""
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"{flag} {path} is a file: give a folder (it will be created if missing)")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        parser.error(f"{flag} {path} cannot be created ({e.strerror}): choose a writable folder")
+    existing = os.path.abspath(path)  # the nearest part of the path that exists
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{flag} {path} cannot be created ({existing} is not a writable folder): "
+                     "choose a writable folder")
 
 
 def earlier_checkpoints(out_dir):
