@@ -1,6 +1,7 @@
 """bench.py: how fast nanoMIM's steps and input pipeline run, measured on this machine.
 
     python bench.py                     # CUDA: 224 px, batch 256; CPU: small sizes, ~2 minutes
+                                        # (+ ~75 s for the Fashion-MNIST epoch row on 2 cores)
     python bench.py --benches mae,mae_timm --compile on --precision bf16 --out bench.json
 
 Model steps (synthetic inputs, warm-up excluded, CUDA-synchronised, median of --repeats runs of

@@ -137,6 +137,7 @@ CASES = [
     # bench.py
     (bench, ["--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (bench, ["--steps", "0"], "--steps 0 must be at least 1"),
+    (bench, ["--small-batch", "0"], "--small-batch 0 must be at least 1"),
     (bench, ["--img-size", "30", "--patch-size", "8"], "not a multiple of --patch-size"),
     (bench, ["--benches", "nope"], "unknown bench"),
     (bench, ["--benches", ","], "names no bench"),
