@@ -20,8 +20,14 @@ import sys
 import torch
 from PIL import Image, ImageDraw
 
+import augment
+import data
 import plumbing
 import viewers
+from probe import layer_names, layer_representations, run_probe
+from checkpoints import CheckpointError, load_model
+from data import DATASETS, DataError
+from hiera import unroll_order
 from viewers import PALETTE, colormap, font, text_centered
 
 # ----------------------------------------------------------------------------------------------
@@ -104,231 +110,6 @@ class MinibatchCKA:
         return self.cross / torch.sqrt(self.self_a[:, None] * self.self_b[None, :])
 
 
-def layer_names(model):
-    """ViT: layers 0..depth (block inputs, then the final norm). Hiera: the embedded tokens and
-    the output of each stage (its width and token count change at every stage)."""
-    if hasattr(model, "stage_ends"):
-        return ["embed"] + [f"stage {i + 1}" for i in range(len(model.stage_ends))]
-    return [f"layer {i}" for i in range(model.depth + 1)]
-
-
-@torch.no_grad()
-def layer_representations(vit, imgs):
-    """The depth + 1 layer representations of the papers, each (B, L * D): layer i < depth is
-    the normalised input of block i+1, the last is the final norm; the cls token removed.
-    For a Hiera: the embedding and the stage outputs (the last through the final norm), each
-    flattened in Hiera's token order (linear CKA does not depend on the feature order)."""
-    if hasattr(vit, "stage_ends"):
-        blocks = [0, *vit.stage_ends]
-        _, out, _ = vit.forward_features(imgs, return_blocks=blocks)
-        reps = [out[b] for b in blocks]
-        reps[-1] = vit.norm(reps[-1])
-        return [r.flatten(1) for r in reps]
-    x = vit.prepend_cls(vit.embed(imgs))
-    _, block_out, _ = vit.run_blocks(x, return_blocks=range(vit.depth + 1))
-    return [vit.layer_representation(block_out, i)[:, 1:].flatten(1) for i in
-            range(vit.depth + 1)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Frozen-feature probes: weighted kNN and a linear classifier (torch only)
-
-
-@torch.no_grad()
-def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk=1024):
-    """Top-1 (%) of the weighted cosine kNN that DINO and solo-learn evaluate with: each test
-    feature votes with its k most similar training features, each vote weighted by
-    exp(cosine / temperature). train_x (N, D), train_y (N,), test_x (M, D), test_y (M,)."""
-    train_x = torch.nn.functional.normalize(train_x.float(), dim=1)
-    test_x = torch.nn.functional.normalize(test_x.float(), dim=1)
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    k = min(k, len(train_x))
-    correct = 0
-    for start in range(0, len(test_x), chunk):
-        sim = test_x[start:start + chunk] @ train_x.T  # (m, N)
-        top, index = sim.topk(k, dim=1)  # (m, k)
-        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[index], (top / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
-    return 100.0 * correct / len(test_x)
-
-
-def linear_accuracy(train_x, train_y, test_x, test_y, c=1.0, steps=100):
-    """Top-1 (%) of a multinomial logistic regression on standardised features (the mean and
-    std of the training features), fitted by L-BFGS to the mean cross-entropy plus
-    ||W||^2 / (2 C N): scikit-learn's LogisticRegression objective, its default C = 1."""
-    mean, std = train_x.float().mean(0), train_x.float().std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x.float() - mean) / std, (test_x.float() - mean) / std
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    linear = torch.nn.Linear(train_x.shape[1], classes)
-    torch.nn.init.zeros_(linear.weight)
-    torch.nn.init.zeros_(linear.bias)
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=steps, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y) + \
-            linear.weight.square().sum() / (2 * c * len(train_x))
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return 100.0 * (linear(test_x).argmax(1) == test_y).float().mean().item()
-
-
-@torch.no_grad()
-def pooled_layer_features(model, imgs, layers):
-    """{layer: (B, D)} the mean over patch tokens of each layer's normalised representation
-    (layer_representation; layer 0: the embedded tokens), from one forward pass. Hiera: the
-    embedding and stage outputs (`layers` then indexes layer_names(model)), token mean."""
-    if hasattr(model, "stage_ends"):
-        reps = layer_representations(model, imgs)  # (B, L * D) flattened per stage
-        _, out, _ = model.forward_features(imgs, return_blocks=[0, *model.stage_ends])
-        widths = [out[b].shape[-1] for b in [0, *model.stage_ends]]
-        return {i: reps[i].view(len(imgs), -1, widths[i]).mean(1) for i in layers}
-    _, block_out, _ = model.run_blocks(model.prepend_cls(model.embed(imgs)),
-                                       return_blocks=range(model.depth + 1))
-    return {i: model.layer_representation(block_out, i)[:, 1:].mean(1) for i in layers}
-
-
-@torch.no_grad()
-def logit_rms(model, imgs, block):
-    """Root mean square of block `block`'s pre-softmax attention logits (a distillation target:
-    a trained ViT's are a few units; in the hundreds, softmax is one-hot and an MSE on logits
-    is dominated by their scale)."""
-    _, _, logits = model.forward_features(imgs, return_attn=[block])
-    return logits[block].float().square().mean().sqrt().item()
-
-
-def feature_set(args, model, split, indices, device):
-    """({layer: (N, D)} features, (N,) labels) of the images `indices` of a split: raw pixels
-    (one channel, 0-1) when model is None, else pooled_layer_features of every layer."""
-    import data
-
-    transform = None if model is None else data.eval_transform(args.img_size)
-    dataset = data.build_dataset(args.data, args.data_root, split, transform,
-                                 img_size=args.img_size)
-    subset = torch.utils.data.Subset(dataset, indices)
-    loader = data.make_loader(subset, args.batch_size, epoch=0, seed=0, num_workers=0,
-                              shuffle=False, drop_last=False)
-    feats, labels = {}, []
-    for imgs, y in loader:
-        if model is None:
-            batch = {0: imgs[:, 0].flatten(1)}
-        else:
-            batch = pooled_layer_features(model, imgs.to(device), range(len(layer_names(model))))
-        for i, f in batch.items():
-            feats.setdefault(i, []).append(f.float().cpu())
-        labels.append(y)
-    if len(labels) == 0 or sum(len(y) for y in labels) < len(indices):
-        raise ValueError(f"{len(indices) - sum(len(y) for y in labels)} unreadable images among "
-                         f"the {split} images probed")
-    return {i: torch.cat(f) for i, f in feats.items()}, torch.cat(labels)
-
-
-def run_probe(args, device):
-    """Frozen-feature kNN and linear accuracy of every layer (or of raw pixels), trained on
-    --labels-per-class labelled training images (one subset per --subset-seeds seed) and scored
-    on the first --max-images images of the val split."""
-    import data
-
-    if args.pixels:
-        model, name = None, "pixels"
-    elif args.random_init:
-        model = load_model(None, args.random_init, args.img_size, args.patch_size).to(device)
-        name = args.name or f"random {args.random_init}"
-    else:
-        model = load_model(args.ckpt, args.model, args.img_size, args.patch_size,
-                           trust=args.trust_checkpoint).to(device)
-        name = args.name or os.path.basename(args.ckpt)
-    train = data.build_raw_dataset(args.data, args.data_root, "train", img_size=args.img_size)
-    val = data.build_raw_dataset(args.data, args.data_root, "val", img_size=args.img_size)
-    evaluated = list(range(len(val)))
-    if args.max_images is not None and args.max_images < len(val):
-        evaluated = [int(i * len(val) / args.max_images) for i in range(args.max_images)]
-    subsets = {seed: data.per_class_subset(data.SkipBadImages(train, None), args.labels_per_class,
-                                           seed).indices for seed in args.subset_seeds}
-    union = sorted(set().union(*subsets.values()))
-    train_feats, train_labels = feature_set(args, model, "train", union, device)
-    test_feats, test_labels = feature_set(args, model, "val", evaluated, device)
-    position = {index: row for row, index in enumerate(union)}
-    layers = sorted(train_feats)
-    result = {"name": name, "layers": ["pixels"] if model is None else layer_names(model),
-              "labels_per_class": args.labels_per_class, "eval_images": len(evaluated),
-              "knn": {}, "linear": {}}
-    for seed, indices in subsets.items():
-        rows = torch.tensor([position[i] for i in indices])
-        result["knn"][seed] = [knn_accuracy(train_feats[i][rows], train_labels[rows],
-                                            test_feats[i], test_labels) for i in layers]
-        if args.linear:
-            result["linear"][seed] = [linear_accuracy(train_feats[i][rows], train_labels[rows],
-                                                      test_feats[i], test_labels) for i in layers]
-        plumbing.print0(f"subset {seed}: kNN last layer {result['knn'][seed][-1]:.2f}" +
-                        (f", linear {result['linear'][seed][-1]:.2f}" if args.linear else ""))
-    if model is not None and not hasattr(model, "stage_ends"):
-        imgs = torch.stack([data.build_dataset(args.data, args.data_root, "val",
-                                               data.eval_transform(args.img_size))[i][0]
-                            for i in evaluated[:64]]).to(device)
-        result["attn_logit_rms"] = logit_rms(model, imgs, model.depth)
-    with open(os.path.join(args.out_dir, "probe.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plumbing.print0(f"wrote {args.out_dir}/probe.json")
-    return result
-
-
-class KnnMonitor:
-    """--knn-every of mae.py / moco.py: the weighted kNN top-1 (k 20, T 0.07, knn_accuracy) of
-    an encoder's pooled features (its forward_head without a head: the normalised cls token, or
-    the mean for avg pooling; Hiera its pooled output), fitted on `images` labelled training
-    images and scored on images / 2 validation images, both drawn once (seed 0) for the run
-    and centre-cropped. Costs one forward pass over 1.5 x `images` images."""
-
-    def __init__(self, name, root, img_size, images=None, batch_size=256, synthetic_size=2000):
-        import data
-
-        def split_set(split):
-            return data.build_dataset(name, root, split, data.eval_transform(img_size),
-                                      synthetic_size=synthetic_size, img_size=img_size)
-
-        def fixed(dataset, count):  # a seeded random draw: evenly spaced indices can alias
-            order = torch.randperm(len(dataset),  # with a class-periodic file order
-                                   generator=torch.Generator().manual_seed(0))
-            return torch.utils.data.Subset(dataset, sorted(order[:count].tolist()))
-
-        train = split_set("train")
-        if images is None:  # a tenth of the training set, at most 1,000: a few % of an epoch
-            images = max(10, min(1000, len(train) // 10))
-        self.train, self.val = fixed(train, images), fixed(split_set("val"), max(1, images // 2))
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def features(self, encoder, dataset, device):
-        import data
-
-        feats, labels = [], []
-        for imgs, y in data.make_loader(dataset, self.batch_size, epoch=0, seed=0, num_workers=0,
-                                        shuffle=False, drop_last=False):
-            tokens = encoder.forward_features(imgs.to(device))[0]
-            # a Hiera MAE has no head nor final norm (its decoder reads fused stages): the mean
-            pooled = encoder.forward_head(tokens) if hasattr(encoder, "head") else tokens.mean(1)
-            feats.append(pooled.float().cpu())
-            labels.append(y)
-        return torch.cat(feats), torch.cat(labels)
-
-    def __call__(self, encoder, device):
-        """kNN top-1 (%) of `encoder` now; its train / eval mode is restored."""
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            train = self.features(encoder, self.train, device)
-            val = self.features(encoder, self.val, device)
-        finally:
-            encoder.train(was_training)
-        return knn_accuracy(*train, *val)
-
-
 # ----------------------------------------------------------------------------------------------
 # Attention distance and entropy
 
@@ -356,8 +137,6 @@ def block_geometry(model, block):
     block's tokens are in unrolled order on a grid pooled by its q-poolings so far."""
     if not hasattr(model, "stage_ends"):
         return model.grid, model.patch_size, None
-    from hiera import unroll_order
-
     pools = model.pools_before(block)
     grid = (model.grid[0] // 2 ** pools, model.grid[1] // 2 ** pools)
     return grid, 4 * 2 ** pools, unroll_order(grid, model.unroll_steps - pools)
@@ -494,39 +273,9 @@ def draw_boxplots(values, labels, metric, path, blocks=None):
 # Command line
 
 
-def load_model(path, model_name, img_size, patch_size, seed=0, trust=False, checkpoint=None,
-               flag="--model"):
-    """A ViT for analysis from any supported checkpoint (ours, FAIR MAE, MAE-Lite, timm), or a
-    randomly initialised one when path is None. The pooling (final norm or fc_norm) follows the
-    file, so the last layer is normalised by trained weights. trust: unpickle the file in full
-    (--trust-checkpoint); checkpoint: its (state dict, declared heads) when already read."""
-    from model import CheckpointError, build_model, load_pretrained, read_checkpoint
-
-    state = None
-    heads = (None, None)
-    if path is not None:
-        state, heads = checkpoint or read_checkpoint(path, trust)
-    pool = "avg" if state is not None and "fc_norm.weight" in state and "norm.weight" not in state \
-        else "token"
-    torch.manual_seed(seed)
-    if model_name.startswith("hiera"):
-        vit = build_model(model_name, img_size=img_size, num_classes=0)
-    else:
-        vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool)
-    if state is not None:
-        try:
-            report = load_pretrained(vit, state, verbose=False, heads=heads, flag=flag)
-        except CheckpointError as e:  # name the file, not "the state dict"
-            raise CheckpointError(f"{path}: {e}") from None
-        plumbing.print0(f"{path}: {len(report['loaded'])} tensors loaded into {model_name}")
-    return vit.eval()
-
-
 def analysis_loader(args):
     """The first --num-images validation images, centre-cropped, in a fixed order."""
-    import data
-
-    dataset = data.build_dataset(args.data, args.data_root, "val", data.eval_transform(args.img_size),
+    dataset = data.build_dataset(args.data, args.data_root, "val", augment.eval_transform(args.img_size),
                                  synthetic_size=4 * args.num_images, img_size=args.img_size)
     subset = torch.utils.data.Subset(dataset, range(min(args.num_images, len(dataset))))
     return data.make_loader(subset, args.batch_size, epoch=0, seed=0, num_workers=0,
@@ -619,8 +368,6 @@ def run_attn(args, device):
 
 
 def get_parser():
-    from data import DATASETS
-
     p = argparse.ArgumentParser(description="CKA and attention analyses, and viewers of a run "
                                             "(nanoMIM).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -737,9 +484,6 @@ RANGES = {"cka": dict(SIZES, num_images="[4, inf)", batch_size="[4, inf)"),
 
 
 def main(argv=None):
-    from data import DataError
-    from model import CheckpointError
-
     parser = get_parser()
     args = parser.parse_args(argv)
     plumbing.check_ranges(parser, args, {k: v for k, v in RANGES[args.command].items()

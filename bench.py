@@ -40,11 +40,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import augment
 import data
+import device_loader
 import distill
-import mae
+import finetune
+import loop
 import plumbing
-from model import build_model
+from checkpoints import build_mae, build_model
 
 BENCHES = ("mae", "mae_distill", "finetune", "infer", "mae_timm", "mae_timm_nofused")
 
@@ -73,7 +76,7 @@ class TimmBlock(nn.Module):
 def timm_mae(args, fused):
     """Our MAE (FAIR's masking, decoder and loss) with every encoder and decoder block replaced
     by timm's; the patch embedding and linear layers are the same as FAIR's."""
-    model = mae.build_mae("vit_tiny", img_size=args.img_size, patch_size=args.patch_size)
+    model = build_mae("vit_tiny", img_size=args.img_size, patch_size=args.patch_size)
     model.blocks = nn.ModuleList(TimmBlock(192, 12, fused) for _ in range(model.depth))
     model.decoder_blocks = nn.ModuleList(TimmBlock(96, 3, fused) for _ in model.decoder_blocks)
     return model
@@ -83,11 +86,11 @@ def build_bench(name, args, device):
     """(module to compile, loss function of (compiled module, images), trains?)."""
     size = dict(img_size=args.img_size, patch_size=args.patch_size)
     if name in ("mae", "mae_timm", "mae_timm_nofused"):
-        model = mae.build_mae("vit_tiny", **size) if name == "mae" else \
+        model = build_mae("vit_tiny", **size) if name == "mae" else \
             timm_mae(args, fused=name == "mae_timm")
         return model.to(device), lambda m, x: m(x, 0.75)["loss"], True
     if name == "mae_distill":
-        student = mae.build_mae("vit_tiny", **size)
+        student = build_mae("vit_tiny", **size)
         teacher = build_model("vit_base", **size).requires_grad_(False).eval()
         model = distill.DistilledMAE(student, teacher, [12], [12], "attn")
         return model.to(device), lambda m, x: m(x, 0.75)["loss"], True
@@ -110,7 +113,7 @@ def make_step(module, loss_fn, trains, images, precision, use_compile, device, m
             with torch.no_grad(), plumbing.autocast(device, precision):
                 compiled(images)
         return step
-    optimizer = torch.optim.AdamW(plumbing.param_groups(module, 0.05), lr=1e-4,
+    optimizer = torch.optim.AdamW(loop.param_groups(module, 0.05), lr=1e-4,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
 
     def step():
@@ -289,7 +292,7 @@ def loader_stages(folder, img_size, min_scale, interpolation, count=256):
     per-image header checks the `device` path makes in its main process; on `count` of the
     JPEGs, in this process with one thread (the best of 3 passes)."""
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)[:count]
-    geometry, to_tensor = data.pretrain_transform(img_size, min_scale, interpolation,
+    geometry, to_tensor = augment.pretrain_transform(img_size, min_scale, interpolation,
                                                   uint8=True).transforms
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -310,12 +313,12 @@ def loader_stages(folder, img_size, min_scale, interpolation, count=256):
         tensors = timed("worker: to a uint8 tensor", to_tensor, crops)
         batch = timed("worker: collate (per image)", lambda _: torch.stack(tensors), [None],
                       per=len(tensors))[0]
-        timed("scale + normalise the batch (per image, CPU)", data.normalize, [batch],
+        timed("scale + normalise the batch (per image, CPU)", augment.normalize, [batch],
               per=len(tensors))
         blobs = timed("device path, worker: read the bytes",
                       lambda p: torch.from_numpy(np.fromfile(p, dtype=np.uint8)), paths)
         timed("device path, main: whole-JPEG check + EXIF",
-              lambda b: (data.is_whole_jpeg(b), data.exif_orientation(b)), blobs)
+              lambda b: (device_loader.is_whole_jpeg(b), device_loader.exif_orientation(b)), blobs)
     finally:
         torch.set_num_threads(threads)
     return times
@@ -338,12 +341,12 @@ def bench_loaders(args, device):
         for mode in ("pil", "device"):
             if mode == "pil":
                 dataset = data.build_dataset("imagefolder", root, "train",
-                                             data.pretrain_transform(args.img_size, min_scale,
+                                             augment.pretrain_transform(args.img_size, min_scale,
                                                                      interpolation, uint8=True))
                 run_loader = data.Loader(dataset, batch, 0, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
             else:
-                run_loader = data.DeviceLoader(root, batch, seed=0, device=device,
+                run_loader = device_loader.DeviceLoader(root, batch, seed=0, device=device,
                                                img_size=args.img_size, min_scale=min_scale,
                                                num_workers=args.workers,
                                                interpolation=interpolation)
@@ -359,7 +362,7 @@ def bench_loaders(args, device):
                 for i, (imgs, _) in enumerate(loader):
                     imgs = imgs.to(device, non_blocking=True)
                     if mode == "pil":  # as mae.py: uint8 from the workers, normalised here
-                        imgs = data.normalize(imgs)
+                        imgs = augment.normalize(imgs)
                     count += imgs.shape[0]
                     if i + 1 == fill:
                         sync(device)
@@ -388,8 +391,6 @@ def bench_small_epoch(args, device):
     --workers loader workers, eager, bf16 unless --precision fp32), two epochs and two
     evaluations over as many validation images, each timed whole. The first of each starts the
     loader's workers; the second is what every later epoch of a run costs, its workers kept."""
-    import finetune
-
     per_class = args.small_images // 10
     precision = args.precision[-1]  # "both": bf16, as the study
     ft = finetune.parse_args(["--data", "fashion_mnist", "--data-root", args.small_data_root,
@@ -398,10 +399,10 @@ def bench_small_epoch(args, device):
                               "--batch-size", str(args.small_batch), "--num-workers",
                               str(args.workers), "--precision", precision, "--compile", "off"])
     train_set = data.build_dataset("fashion_mnist", ft.data_root, "train",
-                                   finetune.train_transform(ft))
+                                   augment.train_transform(ft))
     train_set = data.per_class_subset(train_set, per_class, ft.subset_seed)
     val_set = data.evenly_spaced(data.build_dataset("fashion_mnist", ft.data_root, "val",
-                                                    data.eval_transform(ft.img_size)),
+                                                    augment.eval_transform(ft.img_size)),
                                  args.small_images)
     pin = device.type == "cuda"
     train_loader = data.Loader(train_set, ft.batch_size, ft.seed, num_workers=ft.num_workers,
@@ -411,7 +412,7 @@ def bench_small_epoch(args, device):
     torch.manual_seed(ft.seed)
     model = finetune.prepare_model(ft, 10, device)
     optimizer = finetune.build_optimizer(ft, model, ft.blr * ft.batch_size / 256, device)
-    mixing = finetune.build_mixing(ft, 10)
+    mixing = augment.build_mixing(ft, 10)
     epochs = []
     evaluations = []
     steps = 0
@@ -428,7 +429,7 @@ def bench_small_epoch(args, device):
                 logits = model(imgs)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=ft.smoothing)
             loss.backward()
-            plumbing.optimizer_step(optimizer, ft.clip_grad)
+            loop.optimizer_step(optimizer, ft.clip_grad)
             steps += epoch == 0
         sync(device)
         epochs.append(time.perf_counter() - start)

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiera import HIERA_CONFIGS, Hiera
-from model import (ViT, attention_logits, build_model, init_mae_weights, load_pretrained,
-                   read_checkpoint)
+from checkpoints import build_model, load_pretrained, read_checkpoint
+from model import ViT, attention_logits, init_mae_weights
 
 
 class DistillError(ValueError):
@@ -195,7 +195,7 @@ class DistilledMAE(nn.Module):
     attention (or relations) then comes from an extra block on block L's output, else from
     inside block L (D-MAE, TinyMIM).
 
-    forward(imgs, mask_ratio) returns the student's dict (see mae.MAE.forward) with loss = recon
+    forward(imgs, mask_ratio) returns the student's dict (see mae_model.MAE.forward) with loss = recon
     + weight * distill, recon_loss and distill_loss.
     """
 

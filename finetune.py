@@ -14,28 +14,23 @@ A recipe is a set of defaults (RECIPES below); every flag overrides its entry.
 """
 import argparse
 import copy
-import itertools
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
-import torchvision.transforms.v2 as v2
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from tqdm import tqdm
 
+import augment
 import data
+import loop
 import plumbing
 import weights
+from checkpoints import (CheckpointError, build_model, load_pretrained, read_hub_config,
+                         read_state_dict)
 from hiera import HIERA_CONFIGS
-from model import (PRESETS, VIT_CONFIGS, CheckpointError, build_model, load_pretrained,
-                   read_hub_config, read_state_dict)
+from model import PRESETS, VIT_CONFIGS
 
 # The papers' recipes. Batch sizes are per process; lr = blr * (batch * accum * GPUs) / 256, so
 # the published batch (1024 for impr/mae) is e.g. --batch-size 256 on 4 GPUs or --accum-iter 4.
@@ -151,101 +146,6 @@ def freeze_backbone(model):
 # Data: augmentation, mixup / cutmix, evaluation
 
 
-# RandAugment as the papers' fine-tuning code calls it: timm's "rand-m10-mstd0.5-inc1" (impr)
-# or "rand-m9-mstd0.5-inc1" (FAIR's mae recipe). The "increasing" op set (no Identity; Invert
-# and SolarizeAdd in), each op's strength growing with the level on a 0-10 scale.
-RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-            "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-            "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
-            "TranslateYRel")
-MEAN_PIXEL = tuple(round(255 * m) for m in data.IMAGENET_MEAN)  # (124, 116, 104): timm's fill
-
-
-def rand_op(img, name, level, sign=1.0, resample=Image.BICUBIC, fill=MEAN_PIXEL):
-    """One op of RAND_OPS on an RGB PIL image at `level` in [0, 10] (timm's level-to-argument
-    maps), `sign` +1 or -1 for the ops that have a direction. Shears and translations call PIL's
-    affine transform with timm's matrix (about the top-left corner); torchvision's affine would
-    rebuild it from angles and differ in the last bit."""
-    m = level / 10
-    if name == "AutoContrast":
-        return TF.autocontrast(img)
-    if name == "Equalize":
-        return TF.equalize(img)
-    if name == "Invert":
-        return TF.invert(img)
-    if name == "Rotate":  # about the centre, up to 30 degrees
-        return TF.rotate(img, sign * m * 30, resample, fill=fill)  # Pillow's constant is accepted
-    if name == "PosterizeIncreasing":  # keep 4 .. 0 bits; 0 bits is black, as the Pillow of the papers did
-        bits = 4 - int(m * 4)
-        return TF.posterize(img, bits) if bits > 0 else Image.new(img.mode, img.size)
-    if name == "SolarizeIncreasing":  # invert pixels >= 256 .. 0
-        return TF.solarize(img, 256 - min(256, int(m * 256)))
-    if name == "SolarizeAdd":  # add up to 110 to pixels below 128
-        add = min(128, int(m * 110))
-        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
-    factor = max(0.1, 1.0 + sign * m * 0.9)  # the enhance ops: factor in [0.1, 1.9]
-    enhance = {"ColorIncreasing": TF.adjust_saturation, "ContrastIncreasing": TF.adjust_contrast,
-               "BrightnessIncreasing": TF.adjust_brightness,
-               "SharpnessIncreasing": TF.adjust_sharpness}
-    if name in enhance:
-        return enhance[name](img, factor)
-    shift = sign * m * 0.45  # translations: up to 45% of the side
-    matrix = {"ShearX": (1, sign * m * 0.3, 0, 0, 1, 0), "ShearY": (1, 0, 0, sign * m * 0.3, 1, 0),
-              "TranslateXRel": (1, 0, shift * img.size[0], 0, 1, 0),
-              "TranslateYRel": (1, 0, 0, 0, 1, shift * img.size[1])}[name]
-    return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
-
-
-class RandAugment:
-    """timm's RandAugment (rand-m{magnitude}-mstd{std}-inc1) on PIL images: num_ops ops drawn
-    with replacement from RAND_OPS, each applied with probability `prob`, each with its own
-    level drawn from N(magnitude, std) and clipped to [0, 10], and its own random sign; fill is
-    the mean pixel, resampling bicubic. About 1 op per image on average (2 x 0.5)."""
-
-    def __init__(self, magnitude=10, std=0.5, num_ops=2, prob=0.5):
-        self.magnitude = magnitude
-        self.std = std
-        self.num_ops = num_ops
-        self.prob = prob
-
-    def __call__(self, img):
-        for index in torch.randint(len(RAND_OPS), (self.num_ops,)).tolist():
-            if torch.rand(()).item() >= self.prob:
-                continue
-            level = self.magnitude + self.std * torch.randn(()).item()
-            sign = -1.0 if torch.rand(()).item() < 0.5 else 1.0
-            img = rand_op(img, RAND_OPS[index], min(10.0, max(0.0, level)), sign)
-        return img
-
-
-def train_transform(args):
-    """RandomResizedCrop (min_crop_scale-1, bicubic) + flip, then RandAugment or colour jitter, normalise,
-    random erasing (timm's per-pixel noise)."""
-    steps = [v2.RandomResizedCrop(args.img_size, scale=(args.min_crop_scale, 1.0),
-                                  interpolation=InterpolationMode.BICUBIC, antialias=True),
-             v2.RandomHorizontalFlip()]
-    if args.rand_aug > 0:
-        steps.append(RandAugment(args.rand_aug, args.rand_aug_std))
-    elif args.color_jitter > 0:
-        steps.append(v2.ColorJitter(*(3 * [args.color_jitter])))
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-              v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
-    if args.reprob > 0:
-        steps.append(T.RandomErasing(p=args.reprob, value="random"))
-    return v2.Compose(steps)
-
-
-def build_mixing(args, num_classes):
-    """Batch-level MixUp / CutMix (torchvision v2), switched with probability 0.5 when both are
-    on, as timm; returns None when both are off. Targets become class probabilities."""
-    mixers = []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
-    return (v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0]) if mixers else None
-
-
 def class_names(dataset):
     """The class names of an image folder under any Subsets, else None."""
     while hasattr(dataset, "dataset"):
@@ -317,7 +217,7 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(args, model, lr, device):
     decay = (lambda name: layer_decay_scale(name, model.depth, args.layer_decay)) \
         if args.layer_decay != 1.0 else None
-    groups = plumbing.param_groups(model, args.weight_decay, decay,
+    groups = loop.param_groups(model, args.weight_decay, decay,
                                    no_decay_names=("cls_token", "pos_embed"))  # timm's
     if args.opt == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
@@ -660,7 +560,7 @@ def hub_config(args, model):
             "pretrained_cfg": {"tag": "nanomim", "custom_load": False, "input_size": [3, h, w],
                                "fixed_input_size": True, "interpolation": "bicubic",
                                "crop_pct": 224 / 256, "crop_mode": "center",
-                               "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD),
+                               "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD),
                                "num_classes": model.num_classes, "pool_size": None,
                                "first_conv": "patch_embed.proj", "classifier": "head"}}
 
@@ -674,38 +574,22 @@ def checkpoint_num_classes(path, trust=False):
     return next(iter(head.values())).shape[0]
 
 
-def train(args):
-    """One fine-tuning run (or --eval). Returns the final evaluation plus the best top-1."""
-    rank, world_size, device, precision, use_compile = plumbing.start_run(args)
-    is_main = rank == 0
-    plumbing.seed_everything(args.seed)
+def build_loaders(args, rank, world_size, device):
+    """(train set, its data.Loader, val set, one pass over it, number of classes), the train set
+    cut to --labels-per-class and --max-images."""
     val_set = data.build_dataset(args.data, args.data_root, "val",
-                                 data.eval_transform(args.img_size), args.download,
+                                 augment.eval_transform(args.img_size), args.download,
                                  args.synthetic_size, args.img_size)
     num_classes = num_classes_of(args, val_set)
     val_set = data.evenly_spaced(val_set, args.max_images)
-    module = prepare_model(args, num_classes, device)
-    compiled = plumbing.maybe_compile(module, use_compile)
     val_loader = data.Loader(val_set, args.batch_size, args.seed, rank=rank,
                              world_size=world_size, num_workers=args.num_workers, shuffle=False,
                              drop_last=False, pin_memory=device.type == "cuda").epoch(0)
     if args.eval:
-        head = checkpoint_num_classes(args.init, args.trust_checkpoint)
-        if head != num_classes:
-            raise CheckpointError(f"{args.init}'s head has {head} classes but --data {args.data} "
-                                  f"has {num_classes}: evaluate it on the data it was fine-tuned "
-                                  "on")
-        result = evaluate(compiled, val_loader, device, precision)
-        plumbing.print0(f"{args.init}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%"
-                        f" on {result['images']} {args.data} validation images")
-        return result
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    last_path, best_path = (os.path.join(args.out_dir, n) for n in ("checkpoint.pth", "best.pth"))
-    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
-                             tensorboard=args.tensorboard)
-    train_set = data.build_dataset(args.data, args.data_root, "train", train_transform(args),
-                                   args.download, args.synthetic_size, args.img_size)
+        return None, None, val_set, val_loader, num_classes
+    train_set = data.build_dataset(args.data, args.data_root, "train",
+                                   augment.train_transform(args), args.download,
+                                   args.synthetic_size, args.img_size)
     if class_names(train_set) != class_names(val_set):
         raise data.DataError(f"the train and val folders under {args.data_root} hold different "
                              f"classes ({len(class_names(train_set))} vs "
@@ -717,26 +601,44 @@ def train(args):
     train_loader = data.Loader(train_set, args.batch_size, args.seed, rank=rank,
                                world_size=world_size, num_workers=args.num_workers,
                                pin_memory=device.type == "cuda")  # workers live for the run
+    return train_set, train_loader, val_set, val_loader, num_classes
+
+
+def evaluate_init(args, model, val_loader, num_classes, device, precision):
+    """--eval: the top-1 / top-5 of the fine-tuned --init on the val split."""
+    head = checkpoint_num_classes(args.init, args.trust_checkpoint)
+    if head != num_classes:
+        raise CheckpointError(f"{args.init}'s head has {head} classes but --data {args.data} has "
+                              f"{num_classes}: evaluate it on the data it was fine-tuned on")
+    result = evaluate(model, val_loader, device, precision)
+    plumbing.print0(f"{args.init}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on "
+                    f"{result['images']} {args.data} validation images")
+    return result
+
+
+def train(args):
+    """One fine-tuning run (or --eval). Returns the final evaluation plus the best top-1."""
+    rank, world_size, device, precision, use_compile = plumbing.start_run(args)
+    is_main = rank == 0
+    plumbing.seed_everything(args.seed)
+    train_set, train_loader, val_set, val_loader, num_classes = build_loaders(args, rank,
+                                                                              world_size, device)
+    module = prepare_model(args, num_classes, device)
+    compiled = plumbing.maybe_compile(module, use_compile)
+    if args.eval:
+        return evaluate_init(args, compiled, val_loader, num_classes, device, precision)
+    log, last_path = loop.open_run(args, is_main)
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(  # one run: one lr
         args, len(train_set), world_size, lr=args.lr[0] if args.lr else None)
     optimizer = build_optimizer(args, module, lr, device)
     scaler = plumbing.grad_scaler(precision, device)
-    mixing = build_mixing(args, num_classes)
-    start_epoch = 0
-    step = 0
-    best = {"top1": -1.0}
-    bad_images = data.BadImages()
-    if args.resume:
-        ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
+    mixing = augment.build_mixing(args, num_classes)
+    ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume \
+        else None
+    if ckpt is not None:
         module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and scaler.is_enabled():  # an fp32/bf16 run saved an empty one
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"] + 1
-        step = ckpt["step"]
-        best = ckpt["best"]
-        bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
-        plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
+    best = ckpt["best"] if ckpt is not None else {"top1": -1.0}
     model = plumbing.wrap_ddp(compiled, device)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -749,22 +651,16 @@ def train(args):
     if args.rand_aug > 0 and args.color_jitter > 0:
         plumbing.print0("note: colour jitter is off while RandAugment is on (timm's behaviour)")
 
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    t0 = time.time()
+    losses = loop.LossLog(log, last_path, world_size)
     result = best
     for epoch in range(start_epoch, args.epochs):
-        plumbing.seed_everything(args.seed, epoch, rank)
         model.train()
-        loader = train_loader.epoch(epoch, bad_images)
-        batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
-                   total=steps_per_epoch * args.accum_iter, leave=False)
+        bar = loop.epoch_batches(train_loader, args, epoch, steps_per_epoch, bad_images, rank)
         steps_before = step
         for it, (imgs, labels) in enumerate(bar):
             if it % args.accum_iter == 0:
-                plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
-                                                              lr, args.min_lr))
+                loop.set_lr(optimizer, loop.cosine_lr(step, total_steps, warmup_steps, lr,
+                                                      args.min_lr))
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             targets = labels
             if mixing is not None:
@@ -773,54 +669,35 @@ def train(args):
                 logits = model(imgs)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
             scaler.scale(loss / args.accum_iter).backward()
-            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
+            losses.add({"loss": loss}, imgs.shape[0])
             if (it + 1) % args.accum_iter:
                 continue
-            plumbing.optimizer_step(optimizer, args.clip_grad, scaler)
+            loop.optimizer_step(optimizer, args.clip_grad, scaler)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
-                mean = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # host sync
-                plumbing.check_finite(mean, step, last_path)
-                log.write(step=step, epoch=epoch + 1, loss=mean, lr=plumbing.current_lr(optimizer),
-                          images_per_s=loss_count * args.batch_size * world_size
-                          / (time.time() - t0))
-                bar.set_postfix(loss=f"{mean:.4f}")
-                loss_sum = torch.zeros((), device=device)
-                loss_count = 0
-                t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)  # no unfinished accumulation leaks on
-        data.check_epoch_read(step - steps_before, epoch, bad_images)
-        if loss_count:
-            plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
-                                  last_path)
-        last = epoch + 1 == args.epochs
+                losses.write(step, epoch, optimizer, bar, bad_images)
+        loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         is_best = False
-        if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+        if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
             result = evaluate(compiled, val_loader, device, precision)
             is_best = result["top1"] > best["top1"]
-            if is_best:
-                best = dict(result, epoch=epoch + 1)
+            best = dict(result, epoch=epoch + 1) if is_best else best
             log.write(epoch=epoch + 1, step=step, **result, best_top1=best["top1"])
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs}: top-1 {result['top1']:.2f}%, "
                             f"top-5 {result['top5']:.2f}%, best {best['top1']:.2f}% (epoch "
                             f"{best['epoch']})")
         if is_main:
             state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "args": vars(args), "best": best,
-                     "metrics": result, **bad_images.state_dict()}
-            plumbing.save_checkpoint(state, last_path)
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                plumbing.save_checkpoint(state, os.path.join(args.out_dir,
-                                                             f"checkpoint-{epoch + 1}.pth"))
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                     "args": vars(args), "best": best, "metrics": result,
+                     **bad_images.state_dict()}
+            loop.save_epoch(state, args.out_dir, epoch, args.save_every)
             if is_best:
-                plumbing.save_checkpoint({k: v for k, v in state.items()
-                                          if k not in ("optimizer", "scaler")}, best_path)
+                loop.save_checkpoint({k: v for k, v in state.items()
+                                      if k not in ("optimizer", "scaler")},
+                                     os.path.join(args.out_dir, "best.pth"))
     if is_main:
-        import viewers  # PIL figures
-
-        if viewers.write_run_curves(args.out_dir):
-            plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
-        log.add_pictures(args.out_dir, step)
+        loop.finish_run(args.out_dir, log, step)
     return dict(result, best_top1=best["top1"])
 
 

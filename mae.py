@@ -1,287 +1,29 @@
-"""mae.py: masked-autoencoder pre-training of a ViT, the one pre-training loop of nanoMIM.
+"""mae.py: masked-autoencoder pre-training (the models are in mae_model.py), with or without
+distillation from a teacher (distill.py).
 
     python mae.py                                   # demo: vit_tiny on synthetic shapes, CPU ok
     python mae.py --data imagefolder --data-root /path/to/imagenet --epochs 400 ...   # MAE-Tiny
-
-The model follows FAIR MAE (He et al. 2021) step by step, in named functions: patchify,
-random_masking, forward_encoder, forward_decoder, forward_loss. Its state-dict keys are FAIR's
-(encoder keys at the top level, decoder_*), so our checkpoints load in FAIR's and timm's code.
+    python mae.py --distill-layer 12 --recon-layer 8                  # D2-MAE (demo teacher)
 """
 import argparse
-import itertools
 import os
 import sys
-import time
 
 import torch
-import torch.nn as nn
-from tqdm import tqdm
 
+import augment
 import data
+import device_loader
 import distill
+import loop
 import plumbing
+import probe
+import viewers
 import weights
-from hiera import HIERA_CONFIGS, Hiera
-from model import (VIT_CONFIGS, Block, CheckpointError, ViT, init_mae_weights, load_pretrained,
-                   sincos_pos_embed)
-
-
-# ----------------------------------------------------------------------------------------------
-# The MAE model
-
-
-def patchify(imgs, patch_size):
-    """(B, C, H, W) -> (B, L, p*p*C), each patch flattened in FAIR's (p, q, c) order."""
-    B, C, H, W = imgs.shape
-    p = patch_size
-    x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, q)
-    x = torch.einsum("nchpwq->nhwpqc", x)  # (B, h, w, p, q, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x, patch_size, grid, channels=3):
-    """(B, L, p*p*C) -> (B, C, H, W); the inverse of patchify."""
-    B = x.shape[0]
-    p = patch_size
-    (h, w) = grid
-    x = x.reshape(B, h, w, p, p, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)  # (B, C, h, p, w, q)
-    return x.reshape(B, channels, h * p, w * p)
-
-
-def random_masking(x, mask_ratio, noise=None):
-    """Per-sample random masking by sorting uniform noise, exactly as FAIR MAE.
-
-    x: (B, L, D) patch tokens. Returns
-      x_kept (B, K, D) with K = int(L * (1 - mask_ratio)), the visible tokens in shuffled order;
-      mask (B, L): 0 is keep, 1 is remove, in the original patch order;
-      ids_restore (B, L): argsort of ids_shuffle, un-shuffles [kept, removed] back to patch order;
-      ids_keep (B, K): the patch index of each visible token (a teacher must see the same ones).
-    """
-    B, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    if noise is None:
-        noise = torch.rand(B, L, device=x.device)  # uniform in [0, 1)
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
-    mask = torch.ones(B, L, device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)  # back to patch order
-    return x_kept, mask, ids_restore, ids_keep
-
-
-class MAE(ViT):
-    """A ViT encoder (the inherited modules, FAIR key names) plus the lightweight MAE decoder.
-
-    recon_layer: the decoder reads the normalised output of this encoder block (1-indexed;
-    default the last; 0 = no reconstruction, for distillation alone). Only the blocks needed
-    are run.
-    """
-
-    def __init__(self, embed_dim=192, depth=12, num_heads=12, img_size=224, patch_size=16,
-                 in_chans=3, decoder_dim=96, decoder_depth=1, decoder_heads=3, mlp_ratio=4.0,
-                 norm_pix_loss=True, recon_layer=None):
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                         embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                         mlp_ratio=mlp_ratio, num_classes=0, global_pool="token")
-        self.recon_layer = depth if recon_layer is None else recon_layer
-        self.norm_pix_loss = norm_pix_loss
-        num_patches = self.grid[0] * self.grid[1]
-        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_dim, *self.grid),
-                                              requires_grad=False)  # (1, 1 + L, Dd), fixed
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio)
-                                            for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
-        init_mae_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks,
-                                        self.decoder_norm, self.decoder_pred]))
-        nn.init.normal_(self.mask_token, std=0.02)
-        # what viewers.reconstruction_figure needs: predicted patches and the masking noise per image
-        self.recon_patch = patch_size
-        self.recon_grid = self.grid
-        self.mask_slots = num_patches
-
-    def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
-        """Encode the visible patches. Returns (latent, mask, ids_restore, ids_keep, block_out,
-        attn_logits): latent (B, 1 + K, D) is the normalised output of block `recon_layer`, cls
-        first (None when recon_layer is 0); block_out / attn_logits hold {block: output} /
-        {block: attention logits} for the blocks asked for (block 0: the input tokens)."""
-        x = self.embed(imgs)  # (B, L, D), position added before masking
-        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, noise)
-        x = self.prepend_cls(x)  # (B, 1 + K, D)
-        depth = max([self.recon_layer, *return_blocks, *return_attn])
-        x, block_out, attn_logits = self.run_blocks(x, depth, {self.recon_layer, *return_blocks},
-                                                    return_attn)
-        latent = self.norm(block_out[self.recon_layer]) if self.recon_layer else None
-        return latent, mask, ids_restore, ids_keep, block_out, attn_logits
-
-    def forward_decoder(self, latent, ids_restore):
-        """(B, 1 + K, D) latent -> (B, L, p*p*C) pixel predictions for every patch."""
-        x = self.decoder_embed(latent)  # (B, 1 + K, Dd)
-        B, L = ids_restore.shape
-        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)  # (B, L - K, Dd)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd), shuffled order, no cls
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # cls back in front
-        for block in self.decoder_blocks:
-            x, _ = block(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # (B, 1 + L, p*p*C)
-        return x[:, 1:]  # drop the cls token
-
-    def forward_loss(self, imgs, pred, mask):
-        """Mean squared error on the removed patches only. With norm_pix_loss each target patch
-        is normalised by its own mean and variance (eps 1e-6; unbiased variance, as FAIR)."""
-        target = patchify(imgs, self.recon_patch)  # (B, L, p*p*C)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L), per patch
-        return (loss * mask).sum() / mask.sum()
-
-    def forward(self, imgs, mask_ratio=0.75, noise=None, return_blocks=(), return_attn=()):
-        """One MAE step. Returns a dict, the same for every pre-training model (HieraMAE,
-        distill.DistilledMAE): loss (the reconstruction loss; 0 when recon_layer is 0), pred
-        (B, L, p*p*C) or None, mask (B, L) with 1 = removed, keep (B, K) the visible patches (what
-        a teacher must see), blocks / attn: {block: output} / {block: logits} asked for."""
-        latent, mask, ids_restore, ids_keep, blocks, attn = self.forward_encoder(
-            imgs, mask_ratio, noise, return_blocks, return_attn)
-        loss = torch.zeros((), device=imgs.device)
-        pred = None
-        if latent is not None:
-            pred = self.forward_decoder(latent, ids_restore)
-            loss = self.forward_loss(imgs, pred, mask)
-        return dict(loss=loss, pred=pred, mask=mask, keep=ids_keep, blocks=blocks, attn=attn)
-
-
-class HieraMAE(Hiera):
-    """Hiera's sparse MAE (Ryali et al. 2023): the encoder (inherited, official key names) sees
-    only the kept mask units, whose tokens are deleted rather than replaced; stage outputs are
-    fused (a strided conv per pooled stage, `multi_scale_fusion_heads`), normalised
-    (`encoder_norm`) and decoded at the final stride 4 * 2^q_pool (16 with q_pool 2), where each
-    mask unit is u x u tokens. The loss is norm-pix MSE on the removed units' patches.
-
-    Pre-training uses q_pool 2 (stage 4 stays at stride 16); the weights are those of the
-    q_pool-3 classifier, which loads them with the decoder keys dropped. Patches are flattened
-    in (p, q, c) order, as the ViT MAE's patchify (official Hiera uses (c, p, q); only the
-    decoder_pred rows differ).
-    """
-
-    def __init__(self, embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), img_size=224, q_pool=2,
-                 mask_unit_size=8, in_chans=3, decoder_dim=96, decoder_depth=1, decoder_heads=3,
-                 mlp_ratio=4.0, norm_pix_loss=True):
-        super().__init__(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
-                         num_heads=num_heads, num_classes=0, stages=stages, q_pool=q_pool,
-                         mask_unit_size=mask_unit_size, mlp_ratio=mlp_ratio)
-        del self.norm, self.head
-        dim = self.num_features
-        self.norm_pix_loss = norm_pix_loss
-        self.recon_layer = self.depth  # the decoder reads the last stage (fused with earlier)
-        self.unit_final = mask_unit_size // 2 ** q_pool  # tokens per unit side at the decoder
-        self.fused_blocks = self.stage_ends[:q_pool] + [self.depth]
-        self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
-        heads = []
-        for end in self.stage_ends[:q_pool]:  # pooled stages: u x u -> unit_final^2 by a conv
-            k = mask_unit_size // 2 ** self.pools_before(end) // self.unit_final
-            heads.append(nn.Conv2d(self.blocks[end - 1].dim_out, dim, kernel_size=k, stride=k))
-        self.multi_scale_fusion_heads = nn.ModuleList(heads + [nn.Identity()])
-        self.recon_patch = 4 * 2 ** q_pool
-        self.recon_grid = (self.grid[0] // 2 ** q_pool, self.grid[1] // 2 ** q_pool)
-        self.mask_slots = self.num_units
-        self.decoder_embed = nn.Linear(dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, self.recon_grid[0] * self.recon_grid[1], decoder_dim))
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio)
-                                            for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, self.recon_patch ** 2 * in_chans)
-        init_mae_weights(self)  # as the reference: MAE init everywhere, then these
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-
-    def forward_encoder(self, imgs, mask_ratio, noise=None, return_blocks=(), return_attn=()):
-        """Returns (latent (B, K, u, u, D) for the K kept units, keep-mask (B, units) with True
-        = kept, {block: output}, {block: logits})."""
-        keep = self.random_unit_mask(imgs.shape[0], mask_ratio, noise, imgs.device)
-        _, block_out, attn_logits = self.forward_features(
-            imgs, keep=keep, return_blocks={*self.fused_blocks, *return_blocks},
-            return_attn=return_attn)
-        latent = 0
-        for block, head in zip(self.fused_blocks, self.multi_scale_fusion_heads):
-            units = self.unit_layout(block_out[block], block)  # (B, K, u_b, u_b, C_b)
-            if not isinstance(head, nn.Identity):
-                B, K, u, _, C = units.shape
-                units = head(units.reshape(B * K, u, u, C).permute(0, 3, 1, 2))  # (BK, D, u', u')
-                units = units.permute(0, 2, 3, 1).reshape(B, K, *units.shape[2:], -1)
-            latent = latent + units
-        return self.encoder_norm(latent), keep, block_out, attn_logits
-
-    def forward_decoder(self, latent, keep):
-        """Kept units' latents + mask tokens for removed units -> (B, L, p*p*C) predictions for
-        the L patches of the final-stride grid, in raster order."""
-        x = self.decoder_embed(latent)  # (B, K, u, u, Dd)
-        B = keep.shape[0]
-        u = self.unit_final
-        Dd = x.shape[-1]
-        K = x.shape[1]
-        # the K kept units' indices in unit order (removed units sort last as num_units): a
-        # fixed-size scatter, where full[keep] = ... would need nonzero(), a data-dependent
-        # shape that breaks torch.compile's graph
-        units = torch.arange(self.num_units, device=keep.device).expand(B, -1)
-        kept = torch.where(keep, units, self.num_units).sort(dim=1).values[:, :K]  # (B, K)
-        full = self.mask_token.to(x.dtype).expand(B, self.num_units, u * u, Dd)
-        full = full.scatter(1, kept[:, :, None, None].expand(B, K, u * u, Dd),
-                            x.reshape(B, K, u * u, Dd))  # kept units into their slots
-        mh, mw = self.mask_grid
-        x = full.view(B, mh, mw, u, u, Dd).permute(0, 1, 3, 2, 4, 5).reshape(B, -1, Dd)  # raster
-        x = x + self.decoder_pos_embed
-        for block in self.decoder_blocks:
-            x, _ = block(x)
-        return self.decoder_pred(self.decoder_norm(x))
-
-    forward_loss = MAE.forward_loss  # the same norm-pix MSE on removed patches (recon_patch)
-
-    def removed_patches(self, keep):
-        """(B, units) keep-mask -> (B, L) float, 1 for patches of removed units (raster)."""
-        u = self.unit_final
-        removed = (~keep).view(-1, *self.mask_grid).float()
-        return removed.repeat_interleave(u, 1).repeat_interleave(u, 2).flatten(1)
-
-    def forward(self, imgs, mask_ratio=0.6, noise=None, return_blocks=(), return_attn=()):
-        """One sparse MAE step; the same dict as MAE.forward (keep: the kept units (B, units))."""
-        latent, keep, blocks, attn = self.forward_encoder(imgs, mask_ratio, noise, return_blocks,
-                                                          return_attn)
-        pred = self.forward_decoder(latent, keep)
-        mask = self.removed_patches(keep)
-        return dict(loss=self.forward_loss(imgs, pred, mask), pred=pred, mask=mask, keep=keep,
-                    blocks=blocks, attn=attn)
-
-
-def build_mae(name, **kwargs):
-    """A ViT MAE or a Hiera sparse MAE by preset name (Hiera ignores patch_size/recon_layer)."""
-    if name in HIERA_CONFIGS:
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("patch_size", "recon_layer")}
-        return HieraMAE(**HIERA_CONFIGS[name], **kwargs)
-    if name not in VIT_CONFIGS:
-        raise ValueError(f"unknown model {name!r}: choose one of "
-                         f"{', '.join(list(VIT_CONFIGS) + list(HIERA_CONFIGS))}")
-    return MAE(**VIT_CONFIGS[name], **kwargs)
-
-
-# The pre-training-only modules of MAE and HieraMAE (the decoder side).
-DECODER_PREFIXES = ("decoder_", "mask_token", "multi_scale_fusion", "encoder_norm")
-
-
-def encoder_state_dict(model):
-    """The backbone alone (what fine-tuning and timm load): every key but the decoder's."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(DECODER_PREFIXES)}
+from checkpoints import CheckpointError, build_mae, load_pretrained
+from hiera import HIERA_CONFIGS
+from mae_model import DECODER_PREFIXES, PRETRAIN_DEFAULTS
+from model import VIT_CONFIGS, ViT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +107,7 @@ def get_parser():
     p.add_argument("--min-crop-scale", type=float, default=0.08,
                    help="smallest RandomResizedCrop area (MAE-Lite's for the lightweight models; "
                         "larger models 0.2, FAIR's)")
-    p.add_argument("--crop-interpolation", default="random", choices=list(data.INTERPOLATIONS),
+    p.add_argument("--crop-interpolation", default="random", choices=list(augment.INTERPOLATIONS),
                    help="RandomResizedCrop interpolation; random = bilinear or bicubic per image "
                         "(MAE-Lite's; larger models bicubic, FAIR's)")
     p.add_argument("--student-color-jitter", type=float, default=0.0,
@@ -393,7 +135,7 @@ def get_parser():
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the gradient norm to this value (none or 0: no clipping)")
     plumbing.add_run_flags(p, "out/mae")
-    plumbing.add_monitor_flags(p)
+    probe.add_monitor_flags(p)
     p.add_argument("--init", default=None,
                    help="warm start: weights of an encoder or encoder + decoder checkpoint (ours, "
                         "FAIR's, MAE-Lite's, timm's .safetensors) or a published name (e.g. "
@@ -410,27 +152,6 @@ def get_parser():
     return p
 
 
-# The papers' pre-training settings per model, the defaults of every flag not given: MAE-Lite's
-# for the lightweight students (mae_lite_exp.py / models_mae.py: crop scale 0.08 with a random
-# bilinear/bicubic interpolation, decoders 96x1x3 and 192x1x6, Hiera-Tiny mask ratio 0.4), FAIR
-# MAE's and Hiera's for the large models (crop 0.2 bicubic, decoder 512 wide x 8 blocks x 16
-# heads, Hiera mask ratio 0.6).
-LIGHT = dict(min_crop_scale=0.08, crop_interpolation="random")
-LARGE = dict(min_crop_scale=0.2, crop_interpolation="bicubic", decoder_dim=512, decoder_depth=8,
-             decoder_heads=16)
-PRETRAIN_DEFAULTS = {
-    "vit_tiny": dict(LIGHT, decoder_dim=96, decoder_depth=1, decoder_heads=3, mask_ratio=0.75),
-    "vit_small": dict(LIGHT, decoder_dim=192, decoder_depth=1, decoder_heads=6, mask_ratio=0.75),
-    "vit_base": dict(LARGE, mask_ratio=0.75),
-    "vit_large": dict(LARGE, mask_ratio=0.75),
-    "hiera_tiny_lite": dict(LIGHT, decoder_dim=96, decoder_depth=1, decoder_heads=3,
-                            mask_ratio=0.4, teacher_model="hiera_base"),
-    "hiera_tiny": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
-    "hiera_small": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
-    "hiera_base": dict(LARGE, mask_ratio=0.6, teacher_model="hiera_base"),
-}
-PRETRAIN_DEFAULTS["deit_tiny"] = PRETRAIN_DEFAULTS["vit_tiny"]  # DeiT's head counts, same recipe
-PRETRAIN_DEFAULTS["deit_small"] = PRETRAIN_DEFAULTS["vit_small"]
 # The synthetic demo is small enough for a laptop CPU (Hiera: 64 px, two mask units a side).
 DEMO_DEFAULTS = dict(img_size=32, patch_size=4, batch_size=64, epochs=8, warmup_epochs=1)
 WARMUP_FRACTION = 0.1  # --warmup-epochs not given: the papers' 40 of 400 epochs
@@ -649,11 +370,11 @@ def sample_images(args, count):
     there is one, else the training split."""
     try:
         dataset = data.build_dataset(args.data, args.data_root, "val",
-                                     data.eval_transform(args.img_size), False,
+                                     augment.eval_transform(args.img_size), False,
                                      args.synthetic_size, args.img_size)
     except data.DataError:
         dataset = data.build_dataset(args.data, args.data_root, "train",
-                                     data.eval_transform(args.img_size), False,
+                                     augment.eval_transform(args.img_size), False,
                                      args.synthetic_size, args.img_size)
     samples = (dataset[i] for i in range(min(count, len(dataset))))
     imgs = [s[0] for s in samples if s is not None]
@@ -663,8 +384,6 @@ def sample_images(args, count):
 def write_figures(args, student, device):
     """The run's pictures (viewers.py draws them): curves.png of log.jsonl, and
     reconstruction.png of 8 validation images when the decoder was trained."""
-    import viewers
-
     written = ["curves.png"] if viewers.write_run_curves(args.out_dir) else []
     imgs = sample_images(args, 8)
     if student.recon_layer and len(imgs):  # no reconstruction when no decoder was trained
@@ -777,67 +496,57 @@ def checkpoint_state(module, student, optimizer, scaler, epoch, step, args, bad_
     return state
 
 
+def build_loader(args, device, rank, world_size):
+    """(dataset, run loader) of the pre-training images: a data.Loader of uint8 crops (workers
+    crop, the device normalises), or the DeviceLoader (--loader device: workers read bytes, the
+    device decodes and augments). Either loader's workers live for the run."""
+    if args.loader == "device":
+        dataset = device_loader.DeviceLoader(
+            args.data_root, args.batch_size, seed=args.seed, device=device, img_size=args.img_size,
+            min_scale=args.min_crop_scale, rank=rank, world_size=world_size,
+            num_workers=args.num_workers, interpolation=args.crop_interpolation, data=args.data)
+        backend = device_loader.jpeg_backend()
+        plumbing.print0(f"--loader device: JPEGs decoded by {backend}"
+                        + (" (pip install torchcodec: torchvision's decoders are deprecated)"
+                           if backend == "torchvision" else ""))
+        return dataset, dataset
+    transform = augment.pretrain_transform(args.img_size, args.min_crop_scale,
+                                           args.crop_interpolation, args.student_color_jitter,
+                                           uint8=True)
+    dataset = data.build_dataset(args.data, args.data_root, "train", transform, args.download,
+                                 args.synthetic_size, args.img_size)
+    dataset = data.evenly_spaced(dataset, args.max_images)
+    return dataset, data.Loader(dataset, args.batch_size, args.seed, rank=rank,
+                                world_size=world_size, num_workers=args.num_workers,
+                                pin_memory=device.type == "cuda")
+
+
 def train(args):
     rank, world_size, device, precision, use_compile = plumbing.start_run(args)
     is_main = rank == 0
-    os.makedirs(args.out_dir, exist_ok=True)
-    last_path = os.path.join(args.out_dir, "checkpoint.pth")
-    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
-                             tensorboard=args.tensorboard)
-    monitor = plumbing.knn_monitor(args) if is_main else None
-
+    log, last_path = loop.open_run(args, is_main)
+    monitor = probe.knn_monitor(args) if is_main else None
     plumbing.seed_everything(args.seed)
     module, student = build_training_module(args, device)
     if args.init:
         warm_start(student, args.init, args.trust_checkpoint)
-    if args.loader == "device":  # workers read bytes; decode + augment on the device
-        dataset = data.DeviceLoader(args.data_root, args.batch_size, seed=args.seed,
-                                    device=device, img_size=args.img_size,
-                                    min_scale=args.min_crop_scale, rank=rank,
-                                    world_size=world_size, num_workers=args.num_workers,
-                                    interpolation=args.crop_interpolation, data=args.data)
-        plumbing.print0(f"--loader device: JPEGs decoded by {data.jpeg_backend()}"
-                        + (" (pip install torchcodec: torchvision's decoders are deprecated)"
-                           if data.jpeg_backend() == "torchvision" else ""))
-        run_loader = dataset  # its workers too live for the run
-    else:
-        dataset = data.build_dataset(args.data, args.data_root, "train",
-                                     data.pretrain_transform(
-                                         args.img_size, args.min_crop_scale,
-                                         args.crop_interpolation, args.student_color_jitter,
-                                         uint8=True),  # normalised on the device, below
-                                     args.download, args.synthetic_size, args.img_size)
-        dataset = data.evenly_spaced(dataset, args.max_images)
-        run_loader = data.Loader(dataset, args.batch_size, args.seed, rank=rank,
-                                 world_size=world_size, num_workers=args.num_workers,
-                                 pin_memory=device.type == "cuda")  # workers live for the run
+    dataset, run_loader = build_loader(args, device, rank, world_size)
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(args, len(dataset), world_size,
                                                            lr=args.lr)
-    ckpt = None
-    if args.resume:
-        ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
+    ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume \
+        else None
     no_decay = NO_DECAY if ckpt is None else tuple(ckpt.get("no_decay_names", LEGACY_NO_DECAY))
     optimizer = torch.optim.AdamW(
-        plumbing.param_groups(module, args.weight_decay, no_decay_names=no_decay), lr=lr,
+        loop.param_groups(module, args.weight_decay, no_decay_names=no_decay), lr=lr,
         betas=(0.9, 0.95), fused=device.type == "cuda")
     scaler = plumbing.grad_scaler(precision, device)
-    start_epoch = 0
-    step = 0
-    bad_images = data.BadImages()
     if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         if module is not student:
             module.load_distill_state_dict(ckpt["distill"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and scaler.is_enabled():  # an fp32/bf16 run saved an empty one
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"] + 1
-        step = ckpt["step"]
-        bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
-        plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
     partial = student.recon_layer < student.depth  # some trainable weights may get no gradient
     model = plumbing.wrap_ddp(plumbing.maybe_compile(module, use_compile), device, partial)
-
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
     plumbing.print0(f"{args.model} MAE | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M"
@@ -845,65 +554,40 @@ def train(args):
                     f"{device}, {precision}, compile {use_compile}, "
                     f"{plumbing.processes_text(world_size)} | "
                     f"batch {eff_batch}, lr {lr:.2e}, {total_steps} steps")
-    loss_sums = 0
-    loss_count = 0
-    images_since_log = 0
-    t0 = time.time()
+
+    losses = loop.LossLog(log, last_path, world_size)
     for epoch in range(start_epoch, args.epochs):
-        plumbing.seed_everything(args.seed, epoch, rank)
-        loader = run_loader.epoch(epoch, bad_images)
-        batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
-                   total=steps_per_epoch * args.accum_iter, leave=False)
+        bar = loop.epoch_batches(run_loader, args, epoch, steps_per_epoch, bad_images, rank)
         steps_before = step
         for it, (imgs, _) in enumerate(bar):
             if it % args.accum_iter == 0:
-                plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
-                                                              lr, args.min_lr))
+                loop.set_lr(optimizer, loop.cosine_lr(step, total_steps, warmup_steps, lr,
+                                                      args.min_lr))
             imgs = imgs.to(device, non_blocking=True)
             if args.loader == "pil":  # the workers' uint8 crops
-                imgs = data.normalize(imgs)
+                imgs = augment.normalize(imgs)
             views = {}
             if imgs.ndim == 5:  # (B, 2, C, H, W): [teacher view, student view], TinyMIM
                 views["teacher_imgs"], imgs = imgs.unbind(1)
             with plumbing.autocast(device, precision):
                 out = model(imgs, args.mask_ratio, **views)
             scaler.scale(out["loss"] / args.accum_iter).backward()
-            names = [k for k in out if k.endswith("loss")]  # + recon_loss, distill_loss
-            loss_sums = loss_sums + torch.stack([out[k].detach().float() for k in names])
-            loss_count += 1
-            images_since_log += imgs.shape[0]
+            losses.add({k: v for k, v in out.items() if k.endswith("loss")}, imgs.shape[0])
             if (it + 1) % args.accum_iter:
                 continue
-            plumbing.optimizer_step(optimizer, args.clip_grad, scaler)
+            loop.optimizer_step(optimizer, args.clip_grad, scaler)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
-                means = dict(zip(names, plumbing.all_reduce_mean(loss_sums / loss_count).tolist()))
-                plumbing.check_finite(means["loss"], step, last_path)  # a host sync
-                rate = images_since_log * world_size / (time.time() - t0)
-                log.write(step=step, epoch=epoch + 1, **means, lr=plumbing.current_lr(optimizer),
-                          images_per_s=rate, skipped_images=bad_images.skipped)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{rate:.0f}")
-                loss_sums = 0
-                loss_count = 0
-                images_since_log = 0
-                t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)  # no unfinished accumulation leaks on
-        data.check_epoch_read(step - steps_before, epoch, bad_images)
-        if loss_count:  # the epoch's last steps not yet logged must be finite too
-            plumbing.check_finite(plumbing.all_reduce_mean(loss_sums / loss_count)[0].item(),
-                                  step, last_path)
+                losses.write(step, epoch, optimizer, bar, bad_images)
+        loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         if is_main:
-            knn = plumbing.monitor_epoch(monitor, args, epoch, student, device, log, step)
-            ckpt = checkpoint_state(module, student, optimizer, scaler, epoch, step, args,
-                                    bad_images, no_decay)
-            plumbing.save_checkpoint(ckpt, last_path)
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                plumbing.save_checkpoint(ckpt, os.path.join(args.out_dir,
-                                                            f"checkpoint-{epoch + 1}.pth"))
+            knn = probe.monitor_epoch(monitor, args, epoch, student, device, log, step)
+            state = checkpoint_state(module, student, optimizer, scaler, epoch, step, args,
+                                     bad_images, no_decay)
+            loop.save_epoch(state, args.out_dir, epoch, args.save_every,
+                            final=epoch + 1 == args.epochs)
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}{knn}, "
                             f"skipped images {bad_images.skipped}, saved {last_path}")
-
     if is_main:
         write_figures(args, student, device)
         log.add_pictures(args.out_dir, step)

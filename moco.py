@@ -14,24 +14,21 @@ copies) is kept under `moco` for --resume.
 """
 import argparse
 import copy
-import itertools
 import math
-import os
-import random
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import ImageFilter, ImageOps
-from torchvision.transforms import v2
-from tqdm import tqdm
 
+import augment
 import data
+import loop
 import plumbing
-from model import PRESETS, CheckpointError, build_model
+import probe
+from checkpoints import CheckpointError, build_model
+from model import PRESETS
 
 # ----------------------------------------------------------------------------------------------
 # The model
@@ -137,48 +134,6 @@ class MoCo(nn.Module):
 # The two views
 
 
-class RandomBlur:
-    """PIL's Gaussian blur with a sigma drawn from [low, high] (MoCo-v3's, from SimCLR)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-class Solarize:
-    def __call__(self, img):
-        return ImageOps.solarize(img)  # invert pixels >= 128
-
-
-def moco_augmentation(img_size, min_scale, blur_p, solarize_p):
-    """One of MoCo-v3's two (BYOL) augmentations of a PIL image."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True),  # bilinear
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([RandomBlur()], p=blur_p),
-        v2.RandomApply([Solarize()], p=solarize_p),
-        v2.RandomHorizontalFlip(),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-    ])
-
-
-class MocoViews:
-    """(2, C, S, S): the asymmetric pair of the reference, view 1 always blurred, view 2 blurred
-    with probability 0.1 and solarised with 0.2. A class so loader workers can pickle it."""
-
-    def __init__(self, img_size, min_scale=0.08):
-        self.view1 = moco_augmentation(img_size, min_scale, blur_p=1.0, solarize_p=0.0)
-        self.view2 = moco_augmentation(img_size, min_scale, blur_p=0.1, solarize_p=0.2)
-
-    def __call__(self, img):
-        img = img.convert("RGB")
-        return torch.stack([self.view1(img), self.view2(img)])
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -216,7 +171,7 @@ def get_parser():
                    help="AdamW weight decay, on every parameter (as the papers' code)")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clip (0: off)")
     plumbing.add_run_flags(p, "out/moco")
-    plumbing.add_monitor_flags(p)
+    probe.add_monitor_flags(p)
     p.add_argument("--save-every", type=int, default=20, help="also keep checkpoint-<epoch>.pth")
     return p
 
@@ -272,12 +227,8 @@ def build_moco(args):
 def train(args):
     rank, world_size, device, precision, use_compile = plumbing.start_run(args)
     is_main = rank == 0
-    os.makedirs(args.out_dir, exist_ok=True)
-    last_path = os.path.join(args.out_dir, "checkpoint.pth")
-    log = plumbing.JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
-                             tensorboard=args.tensorboard)
-    monitor = plumbing.knn_monitor(args) if is_main else None
-
+    log, last_path = loop.open_run(args, is_main)
+    monitor = probe.knn_monitor(args) if is_main else None
     plumbing.seed_everything(args.seed)
     moco = build_moco(args)
     if dist.is_initialized() and device.type == "cuda":  # BatchNorm over the global batch
@@ -287,8 +238,8 @@ def train(args):
                         "batch (negatives still come from every process)")
     moco = moco.to(device)
     dataset = data.build_dataset(args.data, args.data_root, "train",
-                                 MocoViews(args.img_size, args.min_crop_scale), args.download,
-                                 args.synthetic_size, args.img_size)
+                                 augment.MocoViews(args.img_size, args.min_crop_scale),
+                                 args.download, args.synthetic_size, args.img_size)
     dataset = data.evenly_spaced(dataset, args.max_images)
     run_loader = data.Loader(dataset, args.batch_size, args.seed, rank=rank,
                              world_size=world_size, num_workers=args.num_workers,
@@ -298,17 +249,11 @@ def train(args):
     optimizer = torch.optim.AdamW([p for p in moco.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = plumbing.grad_scaler(precision, device)
-    start_epoch, step = 0, 0
-    bad_images = data.BadImages()
-    if args.resume:
-        ckpt = plumbing.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS)
+    ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume \
+        else None
+    if ckpt is not None:
         moco.load_state_dict(ckpt["moco"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and scaler.is_enabled():  # an fp32/bf16 run saved an empty one
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        bad_images = data.BadImages(ckpt["skipped_images"], ckpt["seen_images"])
-        plumbing.print0(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
     model = plumbing.wrap_ddp(plumbing.maybe_compile(moco, use_compile), device)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -318,59 +263,40 @@ def train(args):
                     f"{args.img_size}px | {device}, {precision}, compile {use_compile}, "
                     f"{plumbing.processes_text(world_size)} | batch {eff_batch}, lr {lr:.2e}, "
                     f"{total_steps} steps")
-    loss_sum, loss_count, t0 = 0.0, 0, time.time()
+
+    losses = loop.LossLog(log, last_path, world_size)
     for epoch in range(start_epoch, args.epochs):
-        plumbing.seed_everything(args.seed, epoch, rank)
-        loader = run_loader.epoch(epoch, bad_images)
-        batches = itertools.islice(loader, steps_per_epoch * args.accum_iter)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
-                   total=steps_per_epoch * args.accum_iter, leave=False)
+        bar = loop.epoch_batches(run_loader, args, epoch, steps_per_epoch, bad_images, rank)
         steps_before = step
         for it, (views, _) in enumerate(bar):
             if it % args.accum_iter == 0:  # once per optimizer step
-                plumbing.set_lr(optimizer, plumbing.cosine_lr(step, total_steps, warmup_steps,
-                                                              lr, args.min_lr))
+                loop.set_lr(optimizer, loop.cosine_lr(step, total_steps, warmup_steps, lr,
+                                                      args.min_lr))
                 moco.update_momentum(momentum_at(step, total_steps, args.momentum))
             x1, x2 = views.to(device, non_blocking=True).unbind(1)  # (B, C, S, S) each
             with plumbing.autocast(device, precision):
                 loss = model(x1, x2)["loss"]
             scaler.scale(loss / args.accum_iter).backward()
-            loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
+            losses.add({"loss": loss}, x1.shape[0])
             if (it + 1) % args.accum_iter:
                 continue
-            plumbing.optimizer_step(optimizer, args.clip_grad, scaler)
+            loop.optimizer_step(optimizer, args.clip_grad, scaler)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
-                mean = plumbing.all_reduce_mean(loss_sum / loss_count).item()  # a host sync
-                plumbing.check_finite(mean, step, last_path)
-                log.write(step=step, epoch=epoch + 1, loss=mean, lr=plumbing.current_lr(optimizer),
-                          momentum=momentum_at(step, total_steps, args.momentum),
-                          images_per_s=loss_count * args.batch_size * world_size
-                          / (time.time() - t0), skipped_images=bad_images.skipped)
-                bar.set_postfix(loss=f"{mean:.4f}")
-                loss_sum, loss_count, t0 = 0.0, 0, time.time()
-        optimizer.zero_grad(set_to_none=True)
-        data.check_epoch_read(step - steps_before, epoch, bad_images)
-        if loss_count:
-            plumbing.check_finite(plumbing.all_reduce_mean(loss_sum / loss_count).item(), step,
-                                  last_path)
+                losses.write(step, epoch, optimizer, bar, bad_images,
+                             momentum=momentum_at(step, total_steps, args.momentum))
+        loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         if is_main:
-            knn = plumbing.monitor_epoch(monitor, args, epoch, moco.encoder, device, log, step)
+            knn = probe.monitor_epoch(monitor, args, epoch, moco.encoder, device, log, step)
             state = {"model": moco.encoder.state_dict(), "moco": moco.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "step": step, "args": vars(args), **bad_images.state_dict()}
-            plumbing.save_checkpoint(state, last_path)
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                plumbing.save_checkpoint(state, os.path.join(args.out_dir,
-                                                             f"checkpoint-{epoch + 1}.pth"))
+            loop.save_epoch(state, args.out_dir, epoch, args.save_every,
+                            final=epoch + 1 == args.epochs)
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}{knn}, saved "
                             f"{last_path}")
     if is_main:
-        import viewers  # PIL figures
-
-        if viewers.write_run_curves(args.out_dir):
-            plumbing.print0(f"wrote {os.path.join(args.out_dir, 'curves.png')}")
-        log.add_pictures(args.out_dir, step)
+        loop.finish_run(args.out_dir, log, step)
     plumbing.cleanup_distributed()
 
 

@@ -5,11 +5,9 @@ the warmup + cosine schedule, atomic checkpoints and the JSONL log.
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
-import time
 
 import torch
 import torch.distributed as dist
@@ -312,107 +310,8 @@ def check_new_run(parser, args):
 # Optimisation
 
 
-def param_groups(model, weight_decay, lr_scale_of=None, no_decay_names=()):
-    """Optimizer groups as the papers' code builds them: no weight decay on 1-D parameters
-    (biases, norms) nor on the parameters whose names end with one of no_decay_names; every
-    other parameter, tokens included, is decayed (pre-training: FAIR MAE, MAE-Lite and TinyMIM
-    decay cls_token and mask_token; fine-tuning passes ("cls_token", "pos_embed"), timm's
-    no_weight_decay).
-    lr_scale_of(name) -> float sets a per-parameter lr scale (layer decay). Frozen parameters
-    are left out."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.endswith(tuple(no_decay_names))
-        scale = lr_scale_of(name) if lr_scale_of else 1.0
-        key = (no_decay, scale)
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": scale}
-        groups[key]["params"].append(p)
-    return list(groups.values())
-
-
-def cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr=0.0):
-    """Linear warmup from 0 for warmup_steps, then half-cosine decay to min_lr (per step)."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def optimizer_step(optimizer, clip_grad=None, scaler=None):
-    """Clip the gradient norm of all the optimizer's parameters to clip_grad (None or 0: no
-    clipping), take the step, zero the gradients. With a GradScaler (fp16) the gradients are
-    unscaled before clipping, and a step whose gradients overflowed is skipped by the scaler."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if clip_grad:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def current_lr(optimizer):
-    """The schedule's lr (a group's lr divided by its layer-decay scale)."""
-    group = optimizer.param_groups[0]
-    return group["lr"] / group.get("lr_scale", 1.0)
-
-
-def check_finite(loss_value, step, checkpoint_path):
-    if not math.isfinite(loss_value):
-        kept = (f"; {checkpoint_path} still holds the last good checkpoint"
-                if os.path.exists(checkpoint_path) else "")
-        raise RunError(f"loss is {loss_value} at step {step}: training diverged; lower the "
-                       f"learning rate (--blr), lengthen --warmup-epochs or try --precision fp32"
-                       f"{kept}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and logs
-
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash never corrupts `path`."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args"), args=None,
-                    same_args=()):
-    """Read a training checkpoint of ours for --resume; a clear error if it is not one, or if it
-    was trained with other values of the flags named in same_args (compared with `args`)."""
-    if not os.path.isfile(path):
-        raise RunError(f"checkpoint {path} does not exist: check --resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunError(f"cannot read {path} ({type(e).__name__}): the file is damaged or not a "
-                       "nanoMIM checkpoint; resume from an earlier checkpoint-<epoch>.pth") from None
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise RunError(f"{path} is not a nanoMIM training checkpoint (no {', '.join(missing)}); "
-                       "--resume continues our own runs only")
-    changed = [a for a in same_args if ckpt["args"].get(a) != getattr(args, a)]
-    if changed:
-        raise RunError(f"--resume {path} was trained with different {', '.join(changed)}; pass "
-                       "the same flags as that run")
-    return ckpt
 
 
 def checkpoint_args(path):
@@ -463,84 +362,6 @@ def warmup_from_fraction(args, fraction):
     short run keeps the recipe's shape instead of failing on a warmup longer than the run."""
     if args.warmup_epochs is None:
         args.warmup_epochs = round(fraction * args.epochs)
-
-
-class JsonlLog:
-    """Appends one JSON object per line to `path` (rank 0 only). tensorboard=True also writes
-    each record's numbers as TensorBoard scalars at its `step`, in the same folder (the JSONL
-    stays the record), and add_pictures() the run's PNGs."""
-
-    def __init__(self, path, enabled=True, tensorboard=False):
-        self.path = path
-        self.enabled = enabled
-        self.board = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # checked by check_tensorboard
-
-            self.board = SummaryWriter(log_dir=os.path.dirname(path) or ".")
-
-    def write(self, **record):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.board is not None and "step" in record:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, record["step"])
-            self.board.flush()
-
-    def add_pictures(self, folder, step):
-        """The run's end-of-run pictures (curves.png, reconstruction.png, ...) as TensorBoard
-        images."""
-        if self.board is None:
-            return
-        import numpy as np
-        from PIL import Image
-
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".png"):
-                with Image.open(os.path.join(folder, name)) as img:
-                    pixels = np.asarray(img.convert("RGB"))
-                self.board.add_image(name[:-4], pixels, step, dataformats="HWC")
-        self.board.flush()
-
-
-def add_monitor_flags(parser):
-    """The kNN monitor of the pre-training scripts (mae.py, moco.py)."""
-    parser.add_argument("--knn-every", type=int, default=0,
-                        help="every this many epochs, the weighted kNN top-1 (k 20, T 0.07) of "
-                             "the encoder's features on labelled data (0: off; e.g. 1; off "
-                             "without labels, --data folder)")
-    parser.add_argument("--knn-images", type=int, default=None,
-                        help="labelled training images the kNN monitor fits (and half as many "
-                             "validation images it scores), drawn once for the run (none: a "
-                             "tenth of the training set, at most 1,000)")
-
-
-def knn_monitor(args):
-    """The run's analyze.KnnMonitor, or None when --knn-every is 0 or the data has no labels."""
-    if args.knn_every == 0:
-        return None
-    if args.data == "folder":
-        print0("kNN monitor off: --data folder has no labels")
-        return None
-    import analyze  # the kNN lives with the analyses
-
-    return analyze.KnnMonitor(args.data, args.data_root, args.img_size, args.knn_images,
-                              synthetic_size=args.synthetic_size)
-
-
-def monitor_epoch(monitor, args, epoch, encoder, device, log, step):
-    """The kNN monitor at the end of epoch `epoch` (0-indexed) when it is due: its top-1 and
-    seconds go to the log; returns the text for the epoch line ('' when not run)."""
-    if monitor is None or (epoch + 1) % args.knn_every:
-        return ""
-    start = time.time()
-    top1 = monitor(encoder, device)
-    seconds = time.time() - start
-    log.write(step=step, epoch=epoch + 1, knn_top1=top1, knn_seconds=seconds)
-    return f", kNN top-1 {top1:.2f} ({seconds:.1f} s)"
 
 
 def check_tensorboard(parser, args):

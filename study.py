@@ -30,7 +30,6 @@ nothing redone in this call (--fresh redoes everything); any other is deleted an
 the study continues where it stopped. --mirror DIR copies each finished stage's record there.
 """
 import argparse
-import gzip
 import json
 import math
 import os
@@ -68,18 +67,18 @@ PRESETS = {
                   many_per_class=8, many_seeds=(0, 1), many_epochs=1, many_batch=16,
                   val_blrs=(1e-3, 2e-3), test_images=100, probe_per_class=8, probe_subsets=2,
                   analysis_images=32, reserved=(0, 8), knn_images=32, rate=100),
-    # The 2-core CPU study (~2 h): all 55k training images, 2 epochs for the students (430
-    # steps of 256), 8 for the ViT-Small teacher; 10 labels a class over 8 subsets, 100 a class
-    # with 2 seeds; 5,000 test images. Reserved blocks left out: the per-layer probes answer
-    # the same question for a fraction of the cost.
+    # The 2-core CPU study: all 55k training images, 2 epochs for the students (430 steps of
+    # 256), 8 for the ViT-Small teacher; 10 labels a class over 8 subsets, 100 a class with 2
+    # seeds; 5,000 test images. Reserved blocks left out: the per-layer probes answer the same
+    # question for a fraction of the cost.
     "cpu": dict(precision="bf16", workers=2, heldout=5000, pretrain_images=None,
                 teacher="vit_small", teacher_epochs=8, epochs=2, batch=256, lr=1.5e-3,
                 relation=False, few_per_class=10, few_subsets=8, few_epochs=50, few_batch=32,
                 many_per_class=100, many_seeds=(0, 1), many_epochs=20, many_batch=128,
                 val_blrs=(5e-4, 1e-3, 2e-3), test_images=5000, probe_per_class=100,
                 probe_subsets=4, analysis_images=1000, reserved=(), rate=250),
-    # One H100/H200 in one command (budgeted from the first H100 session's 6-10k images/s of
-    # eager bf16 pre-training, not yet run): a ViT-Base teacher, TinyMIM, reserved blocks.
+    # One H100/H200 in one command: a ViT-Base teacher, TinyMIM, reserved blocks. `rate` is
+    # the images/s each preset's time estimates assume.
     "gpu": dict(precision="bf16", workers=8, heldout=5000, pretrain_images=None,
                 teacher="vit_base", teacher_epochs=8, epochs=2, batch=256, lr=1.5e-3,
                 relation=True, few_per_class=10, few_subsets=8, few_epochs=50, few_batch=32,

@@ -9,7 +9,6 @@ analyze.py's figures share. analyze.py is their command line:
 mae.py, finetune.py and moco.py call write_run_curves (and mae.py reconstruction_figure) at the
 end of every run.
 """
-import argparse
 import json
 import math
 import os
@@ -17,7 +16,12 @@ import os
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import augment
+import data
 import plumbing
+from checkpoints import (CheckpointError, build_mae, choose_model, image_size_of,
+                         load_model, load_pretrained, read_run)
+from mae_model import DECODER_PREFIXES, PRETRAIN_DEFAULTS, patchify, unpatchify
 
 # ----------------------------------------------------------------------------------------------
 # Figures (PIL only)
@@ -131,9 +135,6 @@ def reconstruction_figure(model, imgs, mask_ratio, path, seed=0, norm_pix=None):
     one row each; None follows model.norm_pix_loss. Masked patches are the ImageNet mean grey
     (zero after normalisation). Returns the mask (B, L), 1 = removed, over the recon_grid patches.
     """
-    import data
-    from mae import patchify, unpatchify
-
     if norm_pix is None:
         variants = [model.norm_pix_loss]
     elif norm_pix == "both":
@@ -162,83 +163,10 @@ def reconstruction_figure(model, imgs, mask_ratio, path, seed=0, norm_pix=None):
             std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5  # (B, L, 1), as forward_loss
             shown = pred * std + target.mean(dim=-1, keepdim=True)
         rows.append(torch.where(removed, unpatchify(shown, p, grid), imgs))
-    rows = [data.denormalize(r) for r in rows]  # each (B, 3, H, W) in [0, 1]
+    rows = [augment.denormalize(r) for r in rows]  # each (B, 3, H, W) in [0, 1]
     picture = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows H, B W)
     to_pil(picture, enlarge_factor(imgs)).save(path)
     return mask
-
-
-def read_run(path, trust=False):
-    """(state dict, declared heads, run args) of a checkpoint file. Run args: our files' args, or
-    a FAIR training file's argparse.Namespace as a dict; {} when the file has none."""
-    from model import declared_heads, open_checkpoint, state_dict_of
-
-    obj = open_checkpoint(path, trust)
-    state = state_dict_of(obj, path)
-    heads = declared_heads(path, obj, state)
-    run_args = obj.get("args") if isinstance(obj, dict) else None
-    if isinstance(run_args, argparse.Namespace):
-        run_args = vars(run_args)
-    return state, heads, run_args if isinstance(run_args, dict) else {}
-
-
-def preset_of(state, heads=None):
-    """The preset whose width and depth a state dict has, or None: ViTs by their cls token (the
-    papers' vit_* before DeiT's, whose tensors have the same shapes, unless `heads` says
-    otherwise), Hiera by its stem width and block count."""
-    from hiera import HIERA_CONFIGS
-    from model import VIT_CONFIGS
-
-    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
-    depth = max(blocks) + 1 if blocks else 0
-    if "cls_token" in state:
-        width = state["cls_token"].shape[-1]
-        found = [n for n, c in VIT_CONFIGS.items()
-                 if (c["embed_dim"], c["depth"]) == (width, depth)]
-        found.sort(key=lambda n: heads is not None and VIT_CONFIGS[n]["num_heads"] != heads)
-    elif "patch_embed.proj.weight" in state:
-        width = state["patch_embed.proj.weight"].shape[0]
-        found = [n for n, c in HIERA_CONFIGS.items()
-                 if (c["embed_dim"], sum(c["stages"])) == (width, depth)]
-    else:
-        return None
-    return found[0] if found else None
-
-
-def choose_model(path, state, heads, run_args, flag):
-    """The architecture of a file: the run's --model (our args), else the --model flag, else the
-    preset of its widths and depth. Raises CheckpointError naming the fix."""
-    from hiera import HIERA_CONFIGS
-    from model import VIT_CONFIGS, CheckpointError
-
-    known = list(VIT_CONFIGS) + list(HIERA_CONFIGS)
-    name = run_args.get("model") if run_args.get("model") in known else None
-    if name and flag and flag != name:
-        plumbing.print0(f"note: {path} was trained as --model {name}; --model {flag} is ignored")
-    name = name or flag or preset_of(state, heads[0])
-    if name is None:
-        raise CheckpointError(f"{path} does not say its architecture and no preset has its "
-                              f"widths and depth: give --model ({', '.join(known)})")
-    if name not in known:
-        raise CheckpointError(f"unknown --model {name}: choose one of {', '.join(known)}")
-    return name
-
-
-def image_size_of(path, state, run_args, flag, cls_token):
-    """Input size: the --img-size flag, else the run's, else the one the file's position
-    embedding was made for (its patch grid, square, times the patch or stem stride)."""
-    from model import CheckpointError
-
-    size = flag or run_args.get("img_size") or run_args.get("input_size")
-    if size:
-        return int(size)
-    tokens = state["pos_embed"].shape[1] - (1 if cls_token else 0)
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise CheckpointError(f"{path}'s position embedding has {tokens} patches, not a square "
-                              "grid: give --img-size")
-    stride = state["patch_embed.proj.weight"].shape[-1] if cls_token else 4  # Hiera: stride 4
-    return side * stride
 
 
 def official_hiera_decoder(state):
@@ -270,8 +198,6 @@ def load_mae(path, model_name=None, img_size=None, decoder_heads=None, trust=Fal
     or official Hiera MAE files. The decoder's width and depth come from the file's tensors, its
     heads from the run's args, else decoder_heads, else the model's pre-training default.
     Returns (model, its preset name, run args); raises CheckpointError naming the fix."""
-    from mae import DECODER_PREFIXES, PRETRAIN_DEFAULTS, build_mae
-    from model import CheckpointError, load_pretrained
 
     state, heads, run_args = read_run(path, trust)
     if "decoder_embed.weight" not in state:
@@ -341,14 +267,12 @@ def attention_figure(vit, imgs, block, path):
     cls_attention_maps gives them (before the scaling)."""
     import torch.nn.functional as F
 
-    import data
-
     maps = cls_attention_maps(vit, imgs, block)  # (B, 1 + heads, rows, cols)
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     hi = maps.amax(dim=(-2, -1), keepdim=True)
     scaled = F.interpolate((maps - lo) / (hi - lo).clamp_min(1e-12), size=imgs.shape[-2:],
                            mode="bilinear", align_corners=False)  # (B, 1 + heads, H, W)
-    shown = data.denormalize(imgs.float())  # (B, 3, H, W)
+    shown = augment.denormalize(imgs.float())  # (B, 3, H, W)
     heat = heat_colors(scaled).permute(0, 1, 4, 2, 3)  # (B, 1 + heads, 3, H, W)
     tiles = torch.cat([shown[:, None], 0.5 * shown[:, None] + 0.5 * heat], dim=1)
     B, columns, _, H, W = tiles.shape
@@ -473,9 +397,7 @@ def write_run_curves(out_dir):
 def read_images(paths, img_size):
     """(B, 3, img_size, img_size) from image files, opened with PIL as RGB and transformed as
     for evaluation (short side resized, centre crop, ImageNet normalisation)."""
-    import data
-
-    transform = data.eval_transform(img_size)
+    transform = augment.eval_transform(img_size)
     imgs = []
     for path in paths:
         if not os.path.isfile(path):
@@ -491,9 +413,7 @@ def read_images(paths, img_size):
 def dataset_images(args, img_size):
     """The first --num-images readable images of --data's validation split (else its training
     split), transformed as for evaluation."""
-    import data
-
-    transform = data.eval_transform(img_size)
+    transform = augment.eval_transform(img_size)
     try:
         dataset = data.build_dataset(args.data, args.data_root, "val", transform,
                                      synthetic_size=4 * args.num_images, img_size=img_size)
@@ -513,8 +433,6 @@ def viewer_images(args, img_size):
 
 
 def run_recon(args, device):
-    from mae import PRETRAIN_DEFAULTS
-
     model, name, run_args = load_mae(args.ckpt, args.model, args.img_size, args.decoder_heads,
                                      trust=args.trust_checkpoint)
     mask_ratio = args.mask_ratio
@@ -549,8 +467,6 @@ def run_attnmap(args, device):
     if "patch_embed.proj.weight" not in state:
         raise ValueError(f"{args.ckpt} holds no ViT patch embedding: is it a ViT checkpoint?")
     img_size = image_size_of(args.ckpt, state, run_args, args.img_size, cls_token=True)
-    from analyze import load_model
-
     vit = load_model(args.ckpt, name, img_size, state["patch_embed.proj.weight"].shape[-1],
                      checkpoint=(state, heads)).to(device)
     block = args.block or vit.depth

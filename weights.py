@@ -20,7 +20,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError
+from checkpoints import CheckpointError
 
 
 class WeightsError(CheckpointError):

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import analyze
+import probe
 from model import ViT
 
 
@@ -89,11 +90,11 @@ def test_model_against_itself_is_symmetric_with_unit_diagonal():
     torch.manual_seed(0)
     vit = ViT(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2).eval()
     imgs = torch.randn(24, 3, 16, 16)
-    reps = analyze.layer_representations(vit, imgs)
+    reps = probe.layer_representations(vit, imgs)
     assert len(reps) == 4 and reps[0].shape == (24, 16 * 32)  # cls removed, flattened
     cka = analyze.MinibatchCKA(4, 4)
     for i in range(0, 24, 8):
-        batch = analyze.layer_representations(vit, imgs[i:i + 8])
+        batch = probe.layer_representations(vit, imgs[i:i + 8])
         cka.update(batch, batch)
     m = cka.compute()
     assert torch.allclose(m, m.T) and torch.allclose(torch.diagonal(m), torch.ones(4, dtype=m.dtype))

@@ -9,7 +9,8 @@ import analyze
 import bench
 import finetune
 import mae
-from model import ViT, build_model
+from checkpoints import build_model
+from model import ViT
 
 
 @pytest.fixture(scope="module")

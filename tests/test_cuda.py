@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import device_loader
 import distill
-import mae
+import hiera_mae
+import mae_model
 from model import Attention, ViT
 
 pytestmark = pytest.mark.cuda
@@ -49,7 +51,7 @@ def objective(name):
     imgs = torch.randn(8, 3, 32, 32, device=CUDA)
     noise = torch.rand(8, 64, device=CUDA)  # the same mask in every precision
     if name == "hiera_mae":
-        model = mae.HieraMAE(embed_dim=32, num_heads=2, stages=(1, 1, 2, 1), img_size=64,
+        model = hiera_mae.HieraMAE(embed_dim=32, num_heads=2, stages=(1, 1, 2, 1), img_size=64,
                              decoder_dim=32, decoder_heads=2)
         imgs, noise = torch.randn(8, 3, 64, 64, device=CUDA), torch.rand(8, 4, device=CUDA)
         return model.to(CUDA), lambda m: m(imgs, 0.5, noise)["loss"]
@@ -57,7 +59,7 @@ def objective(name):
         model = ViT(num_classes=10, global_pool="avg", **TEACHER)
         labels = torch.randint(0, 10, (8,), device=CUDA)
         return model.to(CUDA), lambda m: F.cross_entropy(m(imgs).float(), labels)
-    student = mae.MAE(**STUDENT, recon_layer=2 if name == "d2mae" else None)
+    student = mae_model.MAE(**STUDENT, recon_layer=2 if name == "d2mae" else None)
     if name == "mae":
         return student.to(CUDA), lambda m: m(imgs, 0.75, noise)["loss"]
     teacher = ViT(**TEACHER).requires_grad_(False).eval()
@@ -147,7 +149,7 @@ def test_device_loader_on_cuda_gives_the_cpu_crops_and_skips_a_truncated_jpeg(tm
     (root / "train" / "class0" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
     batches = {}
     for device in (torch.device("cpu"), CUDA):
-        loader = data.DeviceLoader(str(root), 13, seed=0, device=device, img_size=32,
+        loader = device_loader.DeviceLoader(str(root), 13, seed=0, device=device, img_size=32,
                                    num_workers=0, interpolation="random")
         torch.manual_seed(0)  # the crops come from the global RNG, as in the training loop
         bad = data.BadImages()
@@ -156,7 +158,7 @@ def test_device_loader_on_cuda_gives_the_cpu_crops_and_skips_a_truncated_jpeg(tm
     cpu, cuda = batches["cpu"], batches["cuda"]
     assert len(cpu) == len(cuda) == 1 and cuda[0].device.type == "cuda"
     # the truncated file is skipped with a warning on both devices (nvJPEG alone would decode
-    # it into grey rows: data.is_whole_jpeg keeps it away), and the run goes on
+    # it into grey rows: device_loader.is_whole_jpeg keeps it away), and the run goes on
     assert batches["cpu_skipped"] == batches["cuda_skipped"] == 1
     assert cpu[0].shape == cuda[0].shape == (12, 3, 32, 32)
     assert torch.isfinite(cuda[0]).all()

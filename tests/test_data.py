@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import augment
 import data
+import device_loader
 
 
 def write_image_folder(root, classes=("cat", "dog"), per_class=4, size=40, corrupt=1):
@@ -36,7 +38,7 @@ def test_synthetic_is_deterministic_and_labelled():
 
 
 def test_pretrain_transform_output():
-    ds = data.build_dataset("synthetic", transform=data.pretrain_transform(32), img_size=48)
+    ds = data.build_dataset("synthetic", transform=augment.pretrain_transform(32), img_size=48)
     img, label = ds[3]
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32
     assert -2.2 < img.min() and img.max() < 2.7  # ImageNet-normalised range
@@ -49,21 +51,21 @@ def test_uint8_crops_normalised_as_a_batch_equal_the_float_path(jitter):
     (x / 255 - mean) / std worked out in float64 (within float32 rounding)."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
     torch.manual_seed(0)
-    floats = data.pretrain_transform(16, 0.2, "random", jitter)(img)
+    floats = augment.pretrain_transform(16, 0.2, "random", jitter)(img)
     torch.manual_seed(0)
-    crops = data.pretrain_transform(16, 0.2, "random", jitter, uint8=True)(img)
+    crops = augment.pretrain_transform(16, 0.2, "random", jitter, uint8=True)(img)
     assert crops.dtype == torch.uint8 and crops.shape == floats.shape
     batch = torch.stack([crops, crops])  # (2, [views,] 3, 16, 16), as collated
-    assert torch.equal(data.normalize(batch)[1], floats)
-    mean = torch.tensor(data.IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    assert torch.equal(augment.normalize(batch)[1], floats)
+    mean = torch.tensor(augment.IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(augment.IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
     oracle = (crops.double() / 255 - mean) / std
     assert torch.allclose(floats.double(), oracle, atol=1e-6)
 
 
 def test_image_folder_skips_corrupt_file(tmp_path, capsys):
     write_image_folder(tmp_path / "train")
-    ds = data.build_dataset("imagefolder", str(tmp_path), "train", data.pretrain_transform(32))
+    ds = data.build_dataset("imagefolder", str(tmp_path), "train", augment.pretrain_transform(32))
     assert len(ds) == 9
     bad_images = data.BadImages()
     loader = data.make_loader(ds, batch_size=3, epoch=0, seed=0, num_workers=0, drop_last=False,
@@ -124,7 +126,7 @@ def test_fashion_mnist_real_files(fmnist_slice):
 
 
 def test_loader_order_depends_only_on_seed_and_epoch():
-    ds = data.build_dataset("synthetic", transform=data.pretrain_transform(16), synthetic_size=40,
+    ds = data.build_dataset("synthetic", transform=augment.pretrain_transform(16), synthetic_size=40,
                             img_size=16)
 
     def first_batch(epoch, workers):
@@ -152,19 +154,19 @@ def jpeg_with_orientation(orientation, size=(30, 20)):
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_orientation_as_pils_exif_transpose(orientation):
     blob = torch.frombuffer(bytearray(jpeg_with_orientation(orientation)), dtype=torch.uint8)
-    assert data.exif_orientation(blob) == orientation
+    assert device_loader.exif_orientation(blob) == orientation
     stored = np.asarray(Image.open(io.BytesIO(blob.numpy().tobytes())).convert("RGB"))
     upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(blob.numpy().tobytes())))
                          .convert("RGB"))
-    ours = data.apply_orientation(torch.from_numpy(stored.copy()).permute(2, 0, 1), orientation)
+    ours = device_loader.apply_orientation(torch.from_numpy(stored.copy()).permute(2, 0, 1), orientation)
     assert torch.equal(ours.permute(1, 2, 0), torch.from_numpy(upright.copy()))
 
 
 @pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
 def test_device_decoding_is_upright_as_the_pil_path(tmp_path, monkeypatch, backend):
-    if backend == "torchcodec" and data.jpeg_backend() != "torchcodec":
+    if backend == "torchcodec" and device_loader.jpeg_backend() != "torchcodec":
         pytest.skip("TorchCodec is not installed (or does not load) here")
-    monkeypatch.setattr(data, "jpeg_backend", lambda: backend)
+    monkeypatch.setattr(device_loader, "jpeg_backend", lambda: backend)
     blobs, expected = [], []
     for orientation in (1, 3, 6, 8):
         path = tmp_path / f"{orientation}.jpg"
@@ -175,11 +177,11 @@ def test_device_decoding_is_upright_as_the_pil_path(tmp_path, monkeypatch, backe
     Image.fromarray(np.zeros((5, 7, 3), np.uint8)).save(png, "PNG")
     blobs.append(torch.frombuffer(bytearray(png.getvalue()), dtype=torch.uint8))
     expected.append(torch.zeros(3, 5, 7, dtype=torch.uint8))
-    images, ok = data.decode_images(blobs, torch.device("cpu"))  # the PNG: one by one, PIL
+    images, ok = device_loader.decode_images(blobs, torch.device("cpu"))  # the PNG: one by one, PIL
     assert all(ok) and [i.shape for i in images] == [e.shape for e in expected]
     for ours, theirs in zip(images, expected):
         assert (ours.int() - theirs.int()).abs().max() <= 1  # libjpeg builds may round apart
-    images, _ = data.decode_images(blobs[:4], torch.device("cpu"))  # all JPEG: one batch
+    images, _ = device_loader.decode_images(blobs[:4], torch.device("cpu"))  # all JPEG: one batch
     assert [i.shape[1:] for i in images] == [(20, 30), (20, 30), (30, 20), (30, 20)]
 
 
@@ -191,28 +193,28 @@ def test_a_truncated_jpeg_is_skipped_before_the_batched_decoder(tmp_path, monkey
     whole = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
     padded = torch.cat([whole, torch.zeros(7, dtype=torch.uint8)])
     truncated = whole[:len(whole) // 2].clone()
-    assert data.is_whole_jpeg(whole) and data.is_whole_jpeg(padded)
-    assert not data.is_whole_jpeg(truncated)
-    assert not data.is_whole_jpeg(torch.zeros(3, dtype=torch.uint8))
+    assert device_loader.is_whole_jpeg(whole) and device_loader.is_whole_jpeg(padded)
+    assert not device_loader.is_whole_jpeg(truncated)
+    assert not device_loader.is_whole_jpeg(torch.zeros(3, dtype=torch.uint8))
     seen = []
-    real = data.decode_jpegs
-    monkeypatch.setattr(data, "decode_jpegs", lambda blobs, device: seen.extend(blobs) or
+    real = device_loader.decode_jpegs
+    monkeypatch.setattr(device_loader, "decode_jpegs", lambda blobs, device: seen.extend(blobs) or
                         real(blobs, device))
-    images, ok = data.decode_images([whole, truncated, padded], torch.device("cpu"))
+    images, ok = device_loader.decode_images([whole, truncated, padded], torch.device("cpu"))
     assert ok == [True, False, True] and images[1] is None
-    assert len(seen) == 2 and all(data.is_whole_jpeg(b) for b in seen)  # one batch of two
+    assert len(seen) == 2 and all(device_loader.is_whole_jpeg(b) for b in seen)  # one batch of two
 
 
 def test_device_loader_matches_the_classic_path(tmp_path, capsys):
     write_image_folder(tmp_path / "train", per_class=5, corrupt=1)  # 11 files, one broken
     Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "train" / "dog" / "x.png")
     classic = data.build_dataset("imagefolder", str(tmp_path), "train",
-                                 data.pretrain_transform(16))
-    fast = data.DeviceLoader(str(tmp_path), 4, seed=3, device=torch.device("cpu"), img_size=16,
+                                 augment.pretrain_transform(16))
+    fast = device_loader.DeviceLoader(str(tmp_path), 4, seed=3, device=torch.device("cpu"), img_size=16,
                              num_workers=1)
     assert len(fast) == len(classic) == 12
-    lo = (0 - max(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
-    hi = (1 - min(data.IMAGENET_MEAN)) / min(data.IMAGENET_STD)
+    lo = (0 - max(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD)
+    hi = (1 - min(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD)
     for epoch in (0, 1):
         bad_a, bad_b = data.BadImages(), data.BadImages()
         a = list(data.make_loader(classic, 4, epoch, seed=3, num_workers=0, bad_images=bad_a))
@@ -230,9 +232,9 @@ def test_device_loader_matches_the_classic_path(tmp_path, capsys):
 def test_device_augment_on_a_whole_image_is_a_resize():
     img = (torch.arange(3 * 8 * 8) % 251).to(torch.uint8).view(3, 8, 8)
     torch.manual_seed(0)
-    out = data.device_augment([img], 8, min_scale=1.0)  # area 1, ratio 1 -> the image itself
-    expected = (img.float() / 255 - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)) \
-        / torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    out = device_loader.device_augment([img], 8, min_scale=1.0)  # area 1, ratio 1 -> the image itself
+    expected = (img.float() / 255 - torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)) \
+        / torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(out[0], expected, atol=1e-4) or \
         torch.allclose(out[0], expected.flip(-1), atol=1e-4)
 
@@ -256,9 +258,9 @@ def test_cuda_decodes_wait_for_the_stream_first(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
-    monkeypatch.setattr(data, "jpeg_backend", lambda: "torchvision")
+    monkeypatch.setattr(device_loader, "jpeg_backend", lambda: "torchvision")
     blob = torch.frombuffer(bytearray(jpeg_with_orientation(6)), dtype=torch.uint8)
-    images = data.decode_jpegs([blob, blob], torch.device("cuda", 0))
+    images = device_loader.decode_jpegs([blob, blob], torch.device("cuda", 0))
     assert calls == ["synchronize", "decode on cuda:0"]
     assert images[0].shape == (3, 30, 20)  # and turned upright, as torchvision's CUDA path won't
 

@@ -9,7 +9,9 @@ import torch
 
 import distill
 import mae
-from model import CheckpointError, ViT, load_pretrained
+import mae_model
+from checkpoints import CheckpointError, load_pretrained
+from model import ViT
 from test_model import fair_encoder_state_dict
 
 STUDENT = dict(embed_dim=64, depth=3, num_heads=4, img_size=32, patch_size=4, decoder_dim=32,
@@ -19,7 +21,7 @@ TEACHER = dict(embed_dim=96, depth=3, num_heads=6, img_size=32, patch_size=4)
 
 def make(student_kw=None, teacher=None, layers=(3,), teacher_layers=(3,), **kw):
     torch.manual_seed(0)
-    student = mae.MAE(**{**STUDENT, **(student_kw or {})})
+    student = mae_model.MAE(**{**STUDENT, **(student_kw or {})})
     teacher = teacher if teacher is not None else ViT(**TEACHER)
     teacher.requires_grad_(False).eval()
     return distill.DistilledMAE(student, teacher, list(layers), list(teacher_layers), **kw)
@@ -28,7 +30,7 @@ def make(student_kw=None, teacher=None, layers=(3,), teacher_layers=(3,), **kw):
 def twin_teacher(student):
     """A teacher identical to the student's encoder."""
     teacher = ViT(**{k: v for k, v in STUDENT.items() if not k.startswith("decoder")})
-    teacher.load_state_dict(mae.encoder_state_dict(student))
+    teacher.load_state_dict(mae_model.encoder_state_dict(student))
     return teacher.requires_grad_(False).eval()
 
 
@@ -55,7 +57,7 @@ def test_head_map_trains_teacher_frozen_student_moves():
 @pytest.mark.parametrize("target", ["attn", "rep", "relation"])
 def test_identical_teacher_and_identity_map_give_zero_loss(target):
     torch.manual_seed(0)
-    student = mae.MAE(**STUDENT)
+    student = mae_model.MAE(**STUDENT)
     module = distill.DistilledMAE(student, twin_teacher(student), [3], [3], target=target)
     with torch.no_grad():
         if target == "attn":
@@ -78,7 +80,7 @@ def test_teacher_sees_the_students_visible_tokens_in_order():
     module.teacher.run_blocks = spy
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
     module(imgs, 0.75, noise)
-    _, _, _, ids_keep = mae.random_masking(torch.zeros(2, 64, 1), 0.75, noise)
+    _, _, _, ids_keep = mae_model.random_masking(torch.zeros(2, 64, 1), 0.75, noise)
     tokens = module.teacher.embed(imgs)
     expected = module.teacher.prepend_cls(
         torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, 96)))
@@ -89,7 +91,7 @@ def test_full_teacher_input_picks_the_visible_tokens():
     # mask ratio 0 shuffles every token; an identical teacher on the unshuffled image, with its
     # features picked in the student's order, must agree exactly (TinyMIM layout, no recon).
     torch.manual_seed(0)
-    student = mae.MAE(**STUDENT, recon_layer=0)
+    student = mae_model.MAE(**STUDENT, recon_layer=0)
     module = distill.DistilledMAE(student, twin_teacher(student), [3], [3], target="relation",
                                   teacher_input="full")
     out = module(torch.randn(2, 3, 32, 32), 0.0)
@@ -109,7 +111,7 @@ def test_d2mae_layout():
     loss.backward()
     # block 3 (after the reconstruction layer) is trained through the extra block
     assert module.student.blocks[2].mlp.fc2.weight.grad.abs().sum() > 0
-    backbone = mae.encoder_state_dict(module.student)
+    backbone = mae_model.encoder_state_dict(module.student)
     assert not any("extra" in k or "head_map" in k for k in backbone)
     ViT(**{k: v for k, v in STUDENT.items() if not k.startswith("decoder")}).load_state_dict(
         backbone, strict=True)
@@ -183,8 +185,10 @@ RUN = ["--img-size", "16", "--patch-size", "4", "--synthetic-size", "32", "--bat
 
 
 def read_log(path):
+    """The step lines of a run's log.jsonl (the kNN monitor's epoch lines, which have no loss,
+    left out)."""
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return [row for row in map(json.loads, f) if "loss" in row]
 
 
 def test_d2mae_through_mae_py_trains_and_resumes(tmp_path):

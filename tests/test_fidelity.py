@@ -9,12 +9,16 @@ import torch
 from PIL import Image
 
 import analyze
-import data
+import augment
+import checkpoints
+import device_loader
 import distill
 import finetune
+import loop
 import mae
-import plumbing
-from model import CheckpointError, ViT, attention_logits, load_pretrained
+import mae_model
+from checkpoints import CheckpointError, load_pretrained
+from model import ViT, attention_logits
 from test_distill import STUDENT, TEACHER, make
 from test_model import fair_encoder_state_dict
 
@@ -32,11 +36,11 @@ def finetune_args(*flags):
 
 
 def test_randaugment_op_set_is_timms_increasing_set():
-    assert len(finetune.RAND_OPS) == 15
-    assert "Identity" not in finetune.RAND_OPS
-    assert {"Invert", "SolarizeAdd", "PosterizeIncreasing"} <= set(finetune.RAND_OPS)
+    assert len(augment.RAND_OPS) == 15
+    assert "Identity" not in augment.RAND_OPS
+    assert {"Invert", "SolarizeAdd", "PosterizeIncreasing"} <= set(augment.RAND_OPS)
     timm_aa = pytest.importorskip("timm.data.auto_augment")
-    assert list(finetune.RAND_OPS) == list(timm_aa._RAND_INCREASING_TRANSFORMS)
+    assert list(augment.RAND_OPS) == list(timm_aa._RAND_INCREASING_TRANSFORMS)
 
 
 def test_randaugment_draws_ops_with_replacement_each_with_prob_half_and_own_level(monkeypatch):
@@ -46,9 +50,9 @@ def test_randaugment_draws_ops_with_replacement_each_with_prob_half_and_own_leve
         calls[-1].append((name, level, sign))
         return img
 
-    monkeypatch.setattr(finetune, "rand_op", record)
+    monkeypatch.setattr(augment, "rand_op", record)
     torch.manual_seed(0)
-    aug = finetune.RandAugment(magnitude=10, std=0.5)
+    aug = augment.RandAugment(magnitude=10, std=0.5)
     img = Image.new("RGB", (8, 8))
     images = 4000
     for _ in range(images):
@@ -61,7 +65,7 @@ def test_randaugment_draws_ops_with_replacement_each_with_prob_half_and_own_leve
     # drawn uniformly with replacement: the same op twice in 1/15 of the two-op images
     twice = [c for c in calls if len(c) == 2]
     assert abs(sum(c[0][0] == c[1][0] for c in twice) / len(twice) - 1 / 15) < 0.025
-    assert {name for name, _, _ in applied} == set(finetune.RAND_OPS)
+    assert {name for name, _, _ in applied} == set(augment.RAND_OPS)
     # the level: N(10, 0.5) clipped to [0, 10], drawn per op (two ops of one image differ)
     levels = torch.tensor([level for _, level, _ in applied])
     assert levels.max() == 10 and levels.min() >= 0
@@ -76,27 +80,27 @@ def test_randaugment_ops_equal_timms_at_fixed_levels(monkeypatch):
     timm_aa = pytest.importorskip("timm.data.auto_augment")
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (23, 31, 3), dtype=np.uint8))
-    hparams = dict(img_mean=finetune.MEAN_PIXEL, interpolation=Image.BICUBIC)
+    hparams = dict(img_mean=augment.MEAN_PIXEL, interpolation=Image.BICUBIC)
     for sign in (1.0, -1.0):
         monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v, s=sign: s * v)
-        for name in finetune.RAND_OPS:
+        for name in augment.RAND_OPS:
             for level in (0.0, 3.7, 7.5, 9.9, 10.0):
                 if name == "PosterizeIncreasing" and level == 10.0:
                     continue  # timm asks Pillow for 0 bits, which recent Pillow refuses
                 theirs = timm_aa.AugmentOp(name, prob=1.0, magnitude=level, hparams=hparams)(img)
-                ours = finetune.rand_op(img, name, level, sign)
+                ours = augment.rand_op(img, name, level, sign)
                 assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (name, level, sign)
 
 
 def test_randaugment_strongest_posterize_is_black_as_with_the_papers_pillow():
     img = Image.new("RGB", (4, 4), (200, 100, 50))
-    assert np.asarray(finetune.rand_op(img, "PosterizeIncreasing", 10.0)).max() == 0
+    assert np.asarray(augment.rand_op(img, "PosterizeIncreasing", 10.0)).max() == 0
 
 
 def test_fine_tuning_recipes_use_it():
     args = finetune_args("--recipe", "mae")
-    steps = finetune.train_transform(args).transforms
-    aug = [s for s in steps if isinstance(s, finetune.RandAugment)]
+    steps = augment.train_transform(args).transforms
+    aug = [s for s in steps if isinstance(s, augment.RandAugment)]
     assert len(aug) == 1 and (aug[0].magnitude, aug[0].std, aug[0].prob) == (9, 0.5, 0.5)
 
 
@@ -129,7 +133,7 @@ def test_mae_lite_d2mae_checkpoint_loads_and_drops_the_extra_block(tmp_path, cap
     # ... as a teacher and for the analyses, which load through the same function
     teacher = distill.load_teacher(str(path), "vit_tiny", img_size=16, patch_size=4)
     torch.testing.assert_close(teacher.norm.weight, sd["norm.weight"])
-    assert analyze.load_model(str(path), "vit_tiny", 16, 4).depth == 12
+    assert checkpoints.load_model(str(path), "vit_tiny", 16, 4).depth == 12
 
 
 def test_mae_lite_d2mae_checkpoint_transfers_with_clipping(tmp_path, monkeypatch):
@@ -137,8 +141,8 @@ def test_mae_lite_d2mae_checkpoint_transfers_with_clipping(tmp_path, monkeypatch
     path = tmp_path / "d2mae.pth"
     torch.save(ckpt, path)
     clips = []
-    step = plumbing.optimizer_step
-    monkeypatch.setattr(plumbing, "optimizer_step",
+    step = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step",
                         lambda opt, clip_grad=None, scaler=None:
                         clips.append(clip_grad) or step(opt, clip_grad, scaler))
     rows = finetune.main(["--init", str(path), "--recipe", "transfer", "--lr", "0.01",
@@ -188,9 +192,9 @@ def test_random_crop_interpolation_draws_bilinear_and_bicubic():
     # a left-right symmetric image: the flip changes nothing, the whole-image crop only resizes
     half = np.random.default_rng(0).integers(0, 256, (16, 8, 3), dtype=np.uint8)
     img = Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1))
-    expected = {mode: data.pretrain_transform(8, 1.0, mode)(img) for mode in ("bilinear", "bicubic")}
+    expected = {mode: augment.pretrain_transform(8, 1.0, mode)(img) for mode in ("bilinear", "bicubic")}
     assert not torch.equal(expected["bilinear"], expected["bicubic"])
-    transform = data.pretrain_transform(8, 1.0, "random")
+    transform = augment.pretrain_transform(8, 1.0, "random")
     seen = set()
     for seed in range(20):
         torch.manual_seed(seed)
@@ -201,8 +205,8 @@ def test_random_crop_interpolation_draws_bilinear_and_bicubic():
     on_device = set()
     for seed in range(20):
         torch.manual_seed(seed)
-        out = data.device_augment(images, 8, 1.0, "random")
-        ref = {m: data.device_augment(images, 8, 1.0, m) for m in ("bilinear", "bicubic")}
+        out = device_loader.device_augment(images, 8, 1.0, "random")
+        ref = {m: device_loader.device_augment(images, 8, 1.0, m) for m in ("bilinear", "bicubic")}
         on_device |= {m for m, r in ref.items() if torch.equal(out, r)}
     assert on_device == {"bilinear", "bicubic"}
 
@@ -225,11 +229,11 @@ def test_optimizer_step_clips_the_gradient_norm():
     w = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([w], lr=1.0)
     w.grad = torch.tensor([30.0, 40.0])  # norm 50
-    plumbing.optimizer_step(optimizer, clip_grad=1.0)
+    loop.optimizer_step(optimizer, clip_grad=1.0)
     torch.testing.assert_close(w.data, torch.tensor([-0.6, -0.8]))
     assert w.grad is None
     w.grad = torch.tensor([30.0, 40.0])
-    plumbing.optimizer_step(optimizer, clip_grad=None)
+    loop.optimizer_step(optimizer, clip_grad=None)
     torch.testing.assert_close(w.data, torch.tensor([-30.6, -40.8]))
 
 
@@ -242,7 +246,7 @@ def test_several_distilled_layers_are_summed():
     student, teacher = module.student, module.teacher
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
     total = module(imgs, 0.75, noise)["distill_loss"]
-    kept, _, _, ids_keep = mae.random_masking(student.embed(imgs), 0.75, noise)  # (B, K, D)
+    kept, _, _, ids_keep = mae_model.random_masking(student.embed(imgs), 0.75, noise)  # (B, K, D)
     _, _, s_logits = student.run_blocks(student.prepend_cls(kept), 3, (), (2, 3))
     t_tokens = teacher.embed(imgs)
     t_kept = torch.gather(t_tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, t_tokens.shape[2]))
@@ -267,8 +271,8 @@ def test_extra_block_has_maes_init():
 
 
 def test_weight_decay_exemptions():
-    model = mae.MAE(**STUDENT)
-    decayed = {id(p) for g in plumbing.param_groups(model, 0.05) if g["weight_decay"] > 0
+    model = mae_model.MAE(**STUDENT)
+    decayed = {id(p) for g in loop.param_groups(model, 0.05) if g["weight_decay"] > 0
                for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight"} <= names
@@ -279,8 +283,8 @@ def test_weight_decay_exemptions():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in vit.named_parameters() if id(p) in decayed}
     assert "cls_token" not in names and "pos_embed" not in names and "head.weight" in names
-    hiera = mae.build_mae("hiera_tiny_lite", img_size=64)  # MAE-Lite decays Hiera's too
-    decayed = {id(p) for g in plumbing.param_groups(hiera, 0.05) if g["weight_decay"] > 0
+    hiera = checkpoints.build_mae("hiera_tiny_lite", img_size=64)  # MAE-Lite decays Hiera's too
+    decayed = {id(p) for g in loop.param_groups(hiera, 0.05) if g["weight_decay"] > 0
                for p in g["params"]}
     assert {"pos_embed", "mask_token", "decoder_pos_embed"} <= \
         {n for n, p in hiera.named_parameters() if id(p) in decayed}
@@ -312,9 +316,9 @@ def test_tinymim_colour_jitter_is_on_the_students_view_only():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
     torch.manual_seed(3)
-    pair = data.pretrain_transform(8, 0.2, "bicubic", student_color_jitter=0.4)(img)
+    pair = augment.pretrain_transform(8, 0.2, "bicubic", student_color_jitter=0.4)(img)
     torch.manual_seed(3)
-    plain = data.pretrain_transform(8, 0.2, "bicubic")(img)
+    plain = augment.pretrain_transform(8, 0.2, "bicubic")(img)
     assert pair.shape == (2, 3, 8, 8)
     assert torch.equal(pair[0], plain)  # the teacher's view: same crop and flip, no jitter
     assert not torch.equal(pair[1], pair[0])
@@ -422,7 +426,7 @@ def test_representation_loss_with_a_non_identity_map():
 
 def test_relations_between_models_of_different_head_widths():
     torch.manual_seed(0)
-    student = mae.MAE(**{**STUDENT, "recon_layer": 0})  # 64 wide: 6 teacher heads do not divide
+    student = mae_model.MAE(**{**STUDENT, "recon_layer": 0})  # 64 wide: 6 teacher heads do not divide
     with pytest.raises(distill.DistillError, match="divide evenly"):
         distill.DistilledMAE(student, ViT(**TEACHER), [3], [3], target="relation")
     teacher = ViT(**{**TEACHER, "embed_dim": 128, "num_heads": 8})  # heads of width 16 vs 8
@@ -470,7 +474,7 @@ def test_a_checkpoint_from_before_the_fidelity_defaults_resumes(tmp_path, capsys
     args = pretrain_args(*flags)
     module, _ = mae.build_training_module(args, torch.device("cpu"))
     module.load_state_dict(ckpt["model"])
-    old = torch.optim.AdamW(plumbing.param_groups(module, 0.05,
+    old = torch.optim.AdamW(loop.param_groups(module, 0.05,
                                                   no_decay_names=mae.LEGACY_NO_DECAY))
     module(torch.randn(2, 3, 16, 16), 0.75)["loss"].backward()
     old.step()  # an optimizer state in the earlier grouping (tokens not decayed)

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
+import augment
+import checkpoints
 import finetune
-import mae
-import plumbing
+import loop
 from model import ViT, vit_small, vit_tiny
 
 # vit_tiny at 16 px with patch 4 (16 tokens) on 64 synthetic images: a few seconds per run.
@@ -35,7 +36,7 @@ def test_layer_decay_groups_by_hand():
     model = ViT(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=5,
                 global_pool="avg")
     model.pos_embed.requires_grad_(True)  # trained when fine-tuning, as FAIR's
-    groups = plumbing.param_groups(model, 0.05,
+    groups = loop.param_groups(model, 0.05,
                                    lambda n: finetune.layer_decay_scale(n, model.depth, 0.5),
                                    no_decay_names=("cls_token", "pos_embed"))
     seen = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
@@ -86,7 +87,7 @@ def test_linear_probe_leaves_the_backbone_bit_identical(tmp_path):
 
 
 def test_pretraining_checkpoint_drops_decoder_and_reports(tmp_path, capsys):
-    model = mae.build_mae("vit_tiny", img_size=16, patch_size=4)
+    model = checkpoints.build_mae("vit_tiny", img_size=16, patch_size=4)
     path = str(tmp_path / "mae.pth")
     torch.save({"model": model.state_dict(), "distill": {"head_map": torch.ones(2)},
                 "args": {"model": "vit_tiny", "img_size": 16, "patch_size": 4}}, path)
@@ -251,7 +252,7 @@ def test_mixing_gives_probability_targets():
     args = finetune.parse_args((
         ["--mixup", "0.8", "--cutmix", "1.0"]))
     imgs, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
-    mixed, targets = finetune.build_mixing(args, 10)(imgs, labels)
+    mixed, targets = augment.build_mixing(args, 10)(imgs, labels)
     assert mixed.shape == imgs.shape and targets.shape == (8, 10)
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
 

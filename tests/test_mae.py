@@ -7,9 +7,12 @@ import sys
 import pytest
 import torch
 
+import augment
 import data
 import mae
-from model import ViT, load_pretrained
+import mae_model
+from checkpoints import load_pretrained
+from model import ViT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=64, depth=3, num_heads=4, img_size=32, patch_size=4, decoder_dim=32,
@@ -23,7 +26,7 @@ def test_random_masking_invariants():
     torch.manual_seed(0)
     B, L, D, ratio = 3, 20, 5, 0.75
     x = torch.randn(B, L, D)
-    kept, mask, ids_restore, ids_keep = mae.random_masking(x, ratio)
+    kept, mask, ids_restore, ids_keep = mae_model.random_masking(x, ratio)
     K = int(L * (1 - ratio))
     assert kept.shape == (B, K, D) and mask.shape == (B, L)
     assert torch.all(mask.sum(1) == L - K)
@@ -40,23 +43,23 @@ def test_random_masking_invariants():
 
 def test_patchify_order_and_round_trip():
     imgs = torch.randn(2, 3, 8, 12)
-    x = mae.patchify(imgs, 4)
+    x = mae_model.patchify(imgs, 4)
     assert x.shape == (2, 6, 48)
     # patch 4 is row 1, column 1; element (p=1, q=2, c=0) sits at index (1*4 + 2)*3 + 0
     assert x[0, 4, (1 * 4 + 2) * 3 + 0] == imgs[0, 0, 4 + 1, 4 + 2]
     assert x[1, 4, (3 * 4 + 0) * 3 + 2] == imgs[1, 2, 4 + 3, 4 + 0]
-    torch.testing.assert_close(mae.unpatchify(x, 4, (2, 3)), imgs)
+    torch.testing.assert_close(mae_model.unpatchify(x, 4, (2, 3)), imgs)
 
 
 def test_loss_counts_only_removed_patches():
     torch.manual_seed(0)
-    model = mae.MAE(**TINY, norm_pix_loss=False)
+    model = mae_model.MAE(**TINY, norm_pix_loss=False)
     imgs = torch.randn(2, 3, 32, 32)
     pred = torch.randn(2, 64, 48)
     mask = torch.zeros(2, 64)
     mask[:, :10] = 1
     loss = model.forward_loss(imgs, pred, mask)
-    target = mae.patchify(imgs, 4)
+    target = mae_model.patchify(imgs, 4)
     expected = ((pred[:, :10] - target[:, :10]) ** 2).mean()  # by hand: removed patches only
     torch.testing.assert_close(loss, expected)
     pred2 = pred.clone()
@@ -65,9 +68,9 @@ def test_loss_counts_only_removed_patches():
 
 
 def test_norm_pix_target():
-    model = mae.MAE(**TINY)
+    model = mae_model.MAE(**TINY)
     imgs = torch.randn(1, 3, 32, 32)
-    target = mae.patchify(imgs, 4)[0, 5]
+    target = mae_model.patchify(imgs, 4)[0, 5]
     normed = (target - target.mean()) / (target.var(unbiased=True) + 1e-6).sqrt()
     mask = torch.zeros(1, 64)
     mask[0, 5] = 1
@@ -78,11 +81,11 @@ def test_norm_pix_target():
 
 def test_decoder_reads_recon_layer_and_deeper_blocks_are_not_run():
     torch.manual_seed(0)
-    model = mae.MAE(**TINY, recon_layer=2)
+    model = mae_model.MAE(**TINY, recon_layer=2)
     imgs = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 64)
     latent, mask, ids_restore, ids_keep, _, _ = model.forward_encoder(imgs, 0.75, noise)
-    x = model.prepend_cls(mae.random_masking(model.embed(imgs), 0.75, noise)[0])
+    x = model.prepend_cls(mae_model.random_masking(model.embed(imgs), 0.75, noise)[0])
     expected = model.norm(model.run_blocks(x, depth=2)[0])
     torch.testing.assert_close(latent, expected)
     loss = model(imgs, 0.75, noise)["loss"]
@@ -93,8 +96,8 @@ def test_decoder_reads_recon_layer_and_deeper_blocks_are_not_run():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = mae.MAE(**TINY)
-    ds = data.build_dataset("synthetic", transform=data.eval_transform(32), img_size=32)
+    model = mae_model.MAE(**TINY)
+    ds = data.build_dataset("synthetic", transform=augment.eval_transform(32), img_size=32)
     imgs = torch.stack([ds[i][0] for i in range(8)])
     noise = torch.rand(8, 64)  # the same mask every step: one batch, memorised
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -109,8 +112,10 @@ def test_tiny_model_overfits_one_batch():
 
 
 def read_log(path):
+    """The step lines of a run's log.jsonl (the kNN monitor's epoch lines, which have no loss,
+    left out)."""
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return [row for row in map(json.loads, f) if "loss" in row]
 
 
 def test_end_to_end_outputs_and_exported_encoder(tmp_path):
@@ -196,7 +201,7 @@ def test_resume_from_a_wrong_file_is_refused(tmp_path, capsys, content, words):
 def test_compiled_step_matches_eager():
     import plumbing
     torch.manual_seed(0)
-    model = mae.MAE(embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4, decoder_dim=16,
+    model = mae_model.MAE(embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4, decoder_dim=16,
                     decoder_depth=1, decoder_heads=2)
     imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
     eager = model(imgs, 0.75, noise)["loss"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+import augment
 import finetune
 import moco
 import plumbing
@@ -22,7 +23,8 @@ FAST = ["--img-size", "16", "--patch-size", "4", "--synthetic-size", "32", "--ba
 
 
 def read_log(path):
-    return [json.loads(line) for line in open(path)]
+    """The step lines of a run's log.jsonl (the kNN monitor's epoch lines left out)."""
+    return [row for row in map(json.loads, open(path)) if "loss" in row]
 
 
 def test_contrastive_loss_by_hand():
@@ -69,7 +71,7 @@ def test_heads_are_the_references():
 
 def test_the_two_views_are_the_references():
     img = Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy())
-    views = moco.MocoViews(16)
+    views = augment.MocoViews(16)
     pair = views(img)
     assert pair.shape == (2, 3, 16, 16) and not torch.equal(pair[0], pair[1])
 
@@ -82,13 +84,13 @@ def test_the_two_views_are_the_references():
     assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
         (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
     assert views.view1.transforms[0].scale == (0.08, 1.0)
-    assert moco.Solarize()(img).tobytes() == ImageOps.solarize(img).tobytes()
+    assert augment.Solarize()(img).tobytes() == ImageOps.solarize(img).tobytes()
     torch.manual_seed(0)
     import random
     random.seed(3)
     sigma = random.uniform(0.1, 2.0)
     random.seed(3)
-    assert moco.RandomBlur()(img).tobytes() == img.filter(
+    assert augment.RandomBlur()(img).tobytes() == img.filter(
         ImageFilter.GaussianBlur(radius=sigma)).tobytes()
 
 

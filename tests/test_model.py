@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from model import (Attention, CheckpointError, ViT, load_pretrained, resize_pos_embed,
-                   sincos_pos_embed, vit_tiny)
+from checkpoints import CheckpointError, load_pretrained, resize_pos_embed
+from model import Attention, ViT, sincos_pos_embed, vit_tiny
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4)
 

@@ -12,7 +12,7 @@ import analyze
 import finetune
 import mae
 import moco
-import plumbing
+import probe
 import study
 
 MAE = ["--img-size", "16", "--patch-size", "4", "--synthetic-size", "16", "--batch-size", "8",
@@ -124,17 +124,35 @@ def test_knn_monitor_and_tensorboard_on_a_tiny_pretraining(tmp_path):
 
 def test_knn_monitor_is_off_without_labels_and_with_zero(tmp_path, capsys):
     args = mae.parse_args(["--data", "folder", "--data-root", str(tmp_path), "--knn-every", "1"])
-    assert plumbing.knn_monitor(args) is None
+    assert probe.knn_monitor(args) is None
     assert "kNN monitor off: --data folder has no labels" in capsys.readouterr().out
-    assert plumbing.knn_monitor(mae.parse_args([])) is None  # off unless asked for
+    assert args.knn_every == 0  # what the run did, in its checkpoint's args
+    args = mae.parse_args(["--knn-every", "0"])
+    assert probe.knn_monitor(args) is None and args.knn_every == 0
+    args = mae.parse_args(["--data", "folder", "--data-root", str(tmp_path)])  # the default
+    assert probe.knn_monitor(args) is None and "no labels" in capsys.readouterr().out
+
+
+def test_knn_monitor_without_a_val_split_scores_training_images_it_does_not_fit(tmp_path, capsys):
+    from test_data import write_image_folder
+
+    write_image_folder(tmp_path / "imgs" / "train", per_class=12, corrupt=0)  # no val/ folder
+    monitor = probe.KnnMonitor("imagefolder", str(tmp_path / "imgs"), 16, images=10)
+    fitted, scored = set(monitor.train.indices), set(monitor.val.indices)
+    assert len(fitted) == 10 and len(scored) == 5 and not fitted & scored
+    assert monitor.train.dataset is monitor.val.dataset
+    assert "no validation split" in capsys.readouterr().out
+
+
+def test_knn_monitor_is_on_by_default_on_labelled_data():
+    args = mae.parse_args(["--synthetic-size", "40", "--knn-images", "10"])
+    assert isinstance(probe.knn_monitor(args), probe.KnnMonitor) and args.knn_every == 1
 
 
 def test_knn_monitor_scores_a_separating_encoder_near_100():
     """An 'encoder' whose features are the image's mean colour per channel: on the synthetic
     shapes those do not name the class, on images coloured by class they do."""
-    import data
-
-    monitor = analyze.KnnMonitor("synthetic", None, 16, images=40, synthetic_size=80)
+    monitor = probe.KnnMonitor("synthetic", None, 16, images=40, synthetic_size=80)
 
     class ByLabel(torch.nn.Module):  # features: a one-hot of the label, looked up by image
         def __init__(self):

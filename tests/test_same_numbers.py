@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import finetune  # noqa: E402
 import mae  # noqa: E402
 import plumbing  # noqa: E402
-from model import ViT, build_model, load_pretrained  # noqa: E402
+from checkpoints import build_model, load_pretrained  # noqa: E402
+from model import ViT  # noqa: E402
 
 GOLDEN = os.path.join(HERE, "golden_losses.json")
 OLD_CHECKPOINT = os.path.join(HERE, "data", "pre_redesign_checkpoint.pth.gz")
@@ -50,8 +51,11 @@ def read_log(path):
 
 
 def losses(log):
+    """The losses and accuracies of every log line that has any (the kNN monitor's lines,
+    written between epochs, have none)."""
     keys = ("loss", "recon_loss", "distill_loss", "top1", "val_loss")
-    return [{k: r[k] for k in keys if k in r} for r in log]
+    rows = [{k: r[k] for k in keys if k in r} for r in log]
+    return [row for row in rows if row]
 
 
 def run_all(folder):
@@ -73,8 +77,10 @@ def run_all(folder):
     results = {}
     for name, flags in layouts.items():
         out = os.path.join(folder, name)
-        mae.main(flags + ["--out-dir", out])
-        results[name] = losses(read_log(os.path.join(out, "log.jsonl")))
+        mae.main(flags + ["--out-dir", out])  # the kNN monitor on, as by default
+        log = read_log(os.path.join(out, "log.jsonl"))
+        assert [r["epoch"] for r in log if "knn_top1" in r] == [1, 2], name
+        results[name] = losses(log)
     init = os.path.join(folder, "mae", "checkpoint.pth")
     for name, flags in {"finetune": ["--init", init, "--lr", "1e-3"],
                         "linprobe": ["--init", init, "--recipe", "linprobe", "--lr", "0.1"],

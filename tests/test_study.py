@@ -12,6 +12,7 @@ import torch
 import analyze
 import data
 import finetune
+import probe
 import study
 
 
@@ -160,15 +161,15 @@ def test_knn_accuracy_by_hand():
     labels = torch.tensor([0, 1, 1, 0])
     test = torch.tensor([[0.6, 0.8]])  # cos: 0.6, 0.96, 0.8, -0.6
     # k = 3: class 1 gets exp(0.96/T) + exp(0.8/T), class 0 exp(0.6/T): class 1 wins
-    assert analyze.knn_accuracy(train, labels, test, torch.tensor([1]), k=3) == 100.0
+    assert probe.knn_accuracy(train, labels, test, torch.tensor([1]), k=3) == 100.0
     # k = 1 with a far test point of class 0: its nearest neighbour is class 0
-    assert analyze.knn_accuracy(train, labels, torch.tensor([[-0.9, -0.1]]), torch.tensor([0]),
+    assert probe.knn_accuracy(train, labels, torch.tensor([[-0.9, -0.1]]), torch.tensor([0]),
                                 k=1) == 100.0
     # the weights matter: k = 3, T large (votes nearly equal) vs T small
     test = torch.tensor([[1.0, 0.05]])  # cos ~ 1.0, 0.83, 0.05, -1.0: top 3 = 0, 1, 1
-    assert analyze.knn_accuracy(train, labels, test, torch.tensor([1]), k=3, temperature=100) \
+    assert probe.knn_accuracy(train, labels, test, torch.tensor([1]), k=3, temperature=100) \
         == 100.0  # two votes of ~1 beat one
-    assert analyze.knn_accuracy(train, labels, test, torch.tensor([0]), k=3,
+    assert probe.knn_accuracy(train, labels, test, torch.tensor([0]), k=3,
                                 temperature=0.01) == 100.0  # exp(100) beats exp(83) + exp(5)
 
 
@@ -179,10 +180,10 @@ def test_probes_on_separable_features_score_near_100():
     x = centres[y] + torch.randn(200, 32, generator=g)
     yt = torch.arange(10).repeat(10)
     xt = centres[yt] + torch.randn(100, 32, generator=g)
-    assert analyze.knn_accuracy(x, y, xt, yt) >= 99.0
-    assert analyze.linear_accuracy(x, y, xt, yt) >= 99.0
+    assert probe.knn_accuracy(x, y, xt, yt) >= 99.0
+    assert probe.linear_accuracy(x, y, xt, yt) >= 99.0
     shuffled = y[torch.randperm(200, generator=g)]  # labels unrelated to the features
-    assert analyze.knn_accuracy(x, shuffled, xt, yt) < 40.0
+    assert probe.knn_accuracy(x, shuffled, xt, yt) < 40.0
 
 
 def test_probe_command_on_real_images(tmp_path, fmnist_slice):

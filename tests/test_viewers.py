@@ -10,16 +10,17 @@ import torch
 from PIL import Image
 
 import analyze
+import augment
+import checkpoints
 import viewers
-import data
 import hiera
-import mae
+import mae_model
 import model
 
 IMG = 32
 PATCH = 8  # a 4 x 4 grid of 16 patches
 SCALE = viewers.ENLARGE_TO // IMG  # 3: small images are enlarged to be seen
-GREY = tuple(round(255 * m) for m in data.IMAGENET_MEAN)  # a removed patch: zero, de-normalised
+GREY = tuple(round(255 * m) for m in augment.IMAGENET_MEAN)  # a removed patch: zero, de-normalised
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def micro(monkeypatch):
     monkeypatch.setitem(model.VIT_CONFIGS, "vit_micro", dict(embed_dim=32, depth=2, num_heads=2))
     monkeypatch.setitem(model.PRESETS, "vit_micro",
                         lambda **kw: model.ViT(embed_dim=32, depth=2, num_heads=2, **kw))
-    monkeypatch.setitem(mae.PRETRAIN_DEFAULTS, "vit_micro",
+    monkeypatch.setitem(mae_model.PRETRAIN_DEFAULTS, "vit_micro",
                         dict(decoder_dim=32, decoder_depth=2, decoder_heads=2, mask_ratio=0.5))
     monkeypatch.setitem(hiera.HIERA_CONFIGS, "hiera_micro",
                         dict(embed_dim=8, num_heads=1, stages=(1, 1, 2, 1)))
@@ -37,7 +38,7 @@ def micro(monkeypatch):
 
 def micro_mae(norm_pix_loss=True, seed=0):
     torch.manual_seed(seed)
-    return mae.build_mae("vit_micro", img_size=IMG, patch_size=PATCH, decoder_dim=32,
+    return checkpoints.build_mae("vit_micro", img_size=IMG, patch_size=PATCH, decoder_dim=32,
                          decoder_depth=2, decoder_heads=2, norm_pix_loss=norm_pix_loss)
 
 
@@ -98,18 +99,18 @@ def test_recon_of_our_checkpoint_greys_removed_patches_and_pastes_visible_ones_b
 
 def test_norm_pix_on_and_off_are_the_hand_de_normalisation_and_the_raw_prediction(tmp_path):
     torch.manual_seed(1)
-    mae_model = mae.MAE(embed_dim=32, depth=2, num_heads=2, img_size=IMG, patch_size=PATCH,
+    net = mae_model.MAE(embed_dim=32, depth=2, num_heads=2, img_size=IMG, patch_size=PATCH,
                         decoder_dim=32, decoder_depth=1, decoder_heads=2)
     imgs = 0.5 * torch.randn(2, 3, IMG, IMG) + 1.0  # patch statistics far from (0, 1)
-    mask = viewers.reconstruction_figure(mae_model, imgs, 0.75, tmp_path / "both.png", seed=3,
+    mask = viewers.reconstruction_figure(net, imgs, 0.75, tmp_path / "both.png", seed=3,
                                          norm_pix="both")
     assert torch.equal(mask.bool(), removed_by_hand(2, 16, 0.75, seed=3))
-    assert mae_model.training  # left in the mode it was called in (mae.py calls it mid-run)
-    mae_model.eval()
+    assert net.training  # left in the mode it was called in (mae.py calls it mid-run)
+    net.eval()
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
-    pred = mae_model(imgs, 0.75, noise)["pred"].detach()  # (B, L, p*p*3), (p, q, c) order
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    pred = net(imgs, 0.75, noise)["pred"].detach()  # (B, L, p*p*3), (p, q, c) order
+    mean = torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
     to_pixels = lambda x: ((x * std + mean).clamp(0, 1) * 255).permute(1, 2, 0).numpy()  # noqa
     picture = read_png(tmp_path / "both.png")
     assert picture.shape == (4 * IMG, 2 * IMG, 3)  # originals, masked, de-normalised, raw
@@ -146,13 +147,13 @@ def test_recon_of_fair_files_follows_their_names_and_the_model_defaults(tmp_path
 
 def test_recon_of_an_official_hiera_file_matches_ours(tmp_path, micro):
     torch.manual_seed(0)
-    hiera_mae = mae.build_mae("hiera_micro", img_size=64, decoder_dim=16, decoder_depth=1,
-                              decoder_heads=2)
+    net = checkpoints.build_mae("hiera_micro", img_size=64, decoder_dim=16, decoder_depth=1,
+                                decoder_heads=2)
     ours = tmp_path / "ours.pth"
-    torch.save({"model": hiera_mae.state_dict(),
+    torch.save({"model": net.state_dict(),
                 "args": dict(model="hiera_micro", img_size=64, decoder_heads=2)}, ours)
-    official = dict(hiera_mae.state_dict())
-    p = hiera_mae.recon_patch
+    official = dict(net.state_dict())
+    p = net.recon_patch
     for key in ("decoder_pred.weight", "decoder_pred.bias"):  # rows in Hiera's (c, p, q) order
         rows = official[key]
         official[key] = rows.reshape(p, p, 3, -1).permute(2, 0, 1, 3).reshape(rows.shape)
@@ -169,7 +170,7 @@ def test_recon_of_an_official_hiera_file_matches_ours(tmp_path, micro):
 
 def test_recon_refuses_an_encoder_only_file_in_one_line(tmp_path, micro):
     path = tmp_path / "encoder.pth"
-    torch.save({"model": mae.encoder_state_dict(micro_mae())}, path)
+    torch.save({"model": mae_model.encoder_state_dict(micro_mae())}, path)
     with pytest.raises(SystemExit) as exit_info:
         analyze.main(["recon", "--ckpt", str(path), "--out-dir", str(tmp_path)])
     message = str(exit_info.value.code)
@@ -190,7 +191,7 @@ def test_images_from_files_and_a_corrupt_one(tmp_path, micro):
     original = tile(read_png(tmp_path / "recon.png"), 0, 1)
     expected = viewers.read_images([files[1]], IMG)  # 32 px: resized to 36, cropped to 32
     assert np.abs(original.astype(float) -
-                  (data.denormalize(expected)[0] * 255).permute(1, 2, 0).numpy()).max() <= 1
+                  (augment.denormalize(expected)[0] * 255).permute(1, 2, 0).numpy()).max() <= 1
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
     for bad, words in (("bad.jpg", "cannot read image"), ("missing.png", "does not exist")):
         with pytest.raises(SystemExit) as exit_info:

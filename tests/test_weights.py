@@ -15,7 +15,8 @@ import distill
 import finetune
 import mae
 import weights
-from model import CheckpointError, ViT, load_pretrained
+from checkpoints import CheckpointError, load_pretrained
+from model import ViT
 
 
 def tiny_vit(**kw):
