@@ -14,6 +14,7 @@ import data
 import finetune
 import probe
 import study
+import study_report
 
 
 def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, capsys,
@@ -95,24 +96,24 @@ def test_gpu_preset_orchestration_at_a_reduced_size(tmp_path, monkeypatch, fmnis
     teacher = json.load(open(mirror / "stages" / "pretrain_teacher.json"))
     assert "--model vit_base" in teacher["command"] and "--lr 0.000375" in teacher["command"]
     stages = {n[:-5]: json.load(open(mirror / "stages" / n)) for n in records}
-    passed = study.teacher_gate(stages, small)["passed"]  # the gate decides the students
+    passed = study_report.teacher_gate(stages, small)["passed"]  # the gate decides the students
     assert ("pretrain_tinymim.json" in records) == ("pretrain_d2mae.json" in records) == passed
     assert not any(n.startswith(("few_", "many_", "val_")) for n in records)  # --until pretrain
 
 
 def test_paired_statistics_by_hand():
-    diff, se, diffs = study.paired([80.0, 82.0, 84.0], [79.0, 80.0, 81.0])
+    diff, se, diffs = study_report.paired([80.0, 82.0, 84.0], [79.0, 80.0, 81.0])
     assert diffs == [1.0, 2.0, 3.0] and diff == 2.0
     assert se == pytest.approx(1.0 / math.sqrt(3))  # stdev of 1, 2, 3 is 1
-    assert study.decide(2.0, 0.9) == "reproduced" and study.decide(-2.0, 0.9) == "not reproduced"
-    assert study.decide(2.0, 1.0) == "inconclusive"  # |mean| must exceed 2 SE
+    assert study_report.decide(2.0, 0.9) == "reproduced" and study_report.decide(-2.0, 0.9) == "not reproduced"
+    assert study_report.decide(2.0, 1.0) == "inconclusive"  # |mean| must exceed 2 SE
 
 
 def fake_results(p, acc, pixels):
     """Stage records with the given top-1 per model (every subset and seed alike, but for a
     +/-0.5 wobble so that SE > 0) and pixel logistic-regression accuracy per regime."""
     results = {}
-    for regime, seeds in (("few", study.subset_seeds(p)), ("many", list(p["many_seeds"]))):
+    for regime, seeds in (("few", study_report.subset_seeds(p)), ("many", list(p["many_seeds"]))):
         for m, a in acc.items():
             for i, s in enumerate(seeds):
                 results[f"{regime}_{m}_s{s}"] = {"numbers": {"top1": a[regime] + (i % 2) - 0.5}}
@@ -127,13 +128,13 @@ def test_regime_check_and_verdicts():
     pairs = [("few", "mae", "scratch", 1), ("many", "mae", "scratch", 1)]
     results = fake_results(p, {"mae": {"few": 75, "many": 85}, "scratch": {"few": 70, "many": 80}},
                            {"few": 65, "many": 78})
-    pixels = {r: study.calibration(results, r)["raw pixels, logistic regression"]
+    pixels = {r: study_report.calibration(results, r)["raw pixels, logistic regression"]
               for r in ("few", "many")}
-    assert study.regime_claim("c", results, p, pairs, pixels)["verdict"] == "reproduced"
+    assert study_report.regime_claim("c", results, p, pairs, pixels)["verdict"] == "reproduced"
     # scratch below the pixel baseline with many labels: no verdict, the numbers still shown
     results = fake_results(p, {"mae": {"few": 75, "many": 85}, "scratch": {"few": 70, "many": 77}},
                            {"few": 65, "many": 78})
-    claim = study.regime_claim("c", results, p, pairs, pixels)
+    claim = study_report.regime_claim("c", results, p, pairs, pixels)
     assert claim["verdict"].startswith("below the pixel baseline")
     assert "+8.00" in claim["evidence"] and "pixels 78.00" in claim["evidence"]
 
@@ -144,12 +145,12 @@ def test_a_failed_gate_leaves_the_distillation_claims_untested():
                "pretrain_mae": {"numbers": {"final_loss": 0.5}},
                "layers_teacher": {"numbers": {"knn": {"0": [50.0, 60.0]}, "attn_logit_rms": 3.0}},
                "layers_mae": {"numbers": {"knn": {"0": [50.0, 70.0]}}}}
-    gate = study.teacher_gate(results, p)
+    gate = study_report.teacher_gate(results, p)
     assert not gate["passed"] and not gate["loss"]["passed"] and not gate["knn"]["passed"]
     assert gate["logit_rms"]["passed"]
     results["layers_teacher"]["numbers"]["attn_logit_rms"] = 900.0  # the old ViT-B's scale
-    assert not study.teacher_gate(results, p)["logit_rms"]["passed"]
-    claim = study.higher_layers_claim(results, p, gate)
+    assert not study_report.teacher_gate(results, p)["logit_rms"]["passed"]
+    claim = study_report.higher_layers_claim(results, p, gate)
     assert claim["verdict"] == "not tested: the teacher is not stronger than the student"
     assert "0.6000 vs MAE-Tiny 0.5000" in claim["evidence"]
 
