@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import classifier
 import data
 import device_loader
 import distill
@@ -338,7 +339,7 @@ def bench_loaders(args, device):
         for stage, ms in stages.items():
             print(f"  one worker, {stage}: {ms:.3f} ms/image", flush=True)
         batch = min(args.loader_batch, args.jpegs)
-        for mode in ("pil", "device"):
+        for mode in ("pil", "device", "device_batched"):
             if mode == "pil":
                 dataset = data.build_dataset("imagefolder", root, "train",
                                              augment.pretrain_transform(args.img_size, min_scale,
@@ -346,10 +347,10 @@ def bench_loaders(args, device):
                 run_loader = data.Loader(dataset, batch, 0, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
             else:
-                run_loader = device_loader.DeviceLoader(root, batch, seed=0, device=device,
-                                               img_size=args.img_size, min_scale=min_scale,
-                                               num_workers=args.workers,
-                                               interpolation=interpolation)
+                run_loader = device_loader.DeviceLoader(
+                    root, batch, seed=0, device=device, img_size=args.img_size,
+                    min_scale=min_scale, num_workers=args.workers, interpolation=interpolation,
+                    batched_crops=mode == "device_batched")  # one roi_align per image size
             for epoch in range(2):  # the first pass warms the page cache and starts the workers
                 loader = run_loader.epoch(epoch)  # as in training: workers kept between epochs
                 start = time.perf_counter()
@@ -410,7 +411,7 @@ def bench_small_epoch(args, device):
     val_loader = data.Loader(val_set, ft.batch_size, ft.seed, num_workers=ft.num_workers,
                              shuffle=False, drop_last=False, pin_memory=pin).epoch(0)
     torch.manual_seed(ft.seed)
-    model = finetune.prepare_model(ft, 10, device)
+    model = classifier.prepare_model(ft, 10, device)
     optimizer = finetune.build_optimizer(ft, model, ft.blr * ft.batch_size / 256, device)
     mixing = augment.build_mixing(ft, 10)
     epochs = []

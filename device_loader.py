@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
+from torchvision.ops import roi_align
 
 from augment import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from data import Readable, image_files, load_rgb
@@ -141,20 +142,56 @@ def decode_images(blobs, device):
     return images, [image is not None for image in images]
 
 
-def device_augment(images, img_size, min_scale, interpolation="bicubic"):
-    """MAE's pre-training augmentation on decoded uint8 images (each (3, H, W), any size, on
-    the device): RandomResizedCrop (antialiased; bicubic, bilinear, or "random": one of the two
-    per image) to img_size, horizontal flip with probability 0.5, ImageNet normalisation.
-    Returns (B, 3, S, S) float32."""
-    crops = []
+def crop_params(images, min_scale, interpolation):
+    """Each image's RandomResizedCrop box (top, left, h, w) and interpolation mode, drawn from
+    torch's global RNG in the order the per-image path always drew them."""
+    modes = INTERPOLATIONS[interpolation]
+    params = []
     for img in images:
-        top, left, h, w = T.RandomResizedCrop.get_params(img, (min_scale, 1.0), (3 / 4, 4 / 3))
-        modes = INTERPOLATIONS[interpolation]
-        mode = modes[torch.randint(len(modes), ()).item()] if len(modes) > 1 else modes[0]
+        box = T.RandomResizedCrop.get_params(img, (min_scale, 1.0), (3 / 4, 4 / 3))
+        params.append((box, modes[torch.randint(len(modes), ()).item()] if len(modes) > 1
+                       else modes[0]))
+    return params
+
+
+def crops_one_by_one(images, params, img_size):
+    """(B, 3, S, S) float: each crop resized by its own antialiased interpolate call."""
+    crops = []
+    for img, ((top, left, h, w), mode) in zip(images, params):
         crop = img[None, :, top:top + h, left:left + w].float()  # (1, 3, h, w)
         crops.append(torch.nn.functional.interpolate(crop, size=(img_size, img_size),
                                                      mode=mode.value, antialias=True))
-    x = torch.cat(crops).clamp_(0, 255)  # (B, 3, S, S), bicubic may overshoot
+    return torch.cat(crops)
+
+
+def crops_batched(images, params, img_size):
+    """(B, 3, S, S) float: every crop in one roi_align call per source-image size (ImageNet's
+    JPEGs come in a few sizes). roi_align averages ceil(h / S) x ceil(w / S) bilinear samples
+    per output pixel: a box-filtered bilinear resize, close to an antialiased bilinear one,
+    whatever the interpolation mode the crops drew (it is ignored here)."""
+    out = torch.empty(len(images), 3, img_size, img_size, device=images[0].device)
+    buckets = {}
+    for i, img in enumerate(images):
+        buckets.setdefault(tuple(img.shape[-2:]), []).append(i)
+    for index in buckets.values():
+        batch = torch.stack([images[i] for i in index]).float()  # (n, 3, H, W)
+        boxes = torch.tensor([[k, left, top, left + w, top + h] for k, ((top, left, h, w), _)
+                              in enumerate(params[i] for i in index)],
+                             dtype=torch.float32, device=batch.device)  # (n, 5): x1 y1 x2 y2
+        out[index] = roi_align(batch, boxes, (img_size, img_size), spatial_scale=1.0,
+                               sampling_ratio=-1, aligned=True)
+    return out
+
+
+def device_augment(images, img_size, min_scale, interpolation="bicubic", batched=False):
+    """MAE's pre-training augmentation on decoded uint8 images (each (3, H, W), any size, on
+    the device): RandomResizedCrop (antialiased; bicubic, bilinear, or "random": one of the two
+    per image) to img_size, horizontal flip with probability 0.5, ImageNet normalisation.
+    batched: the crops in one call per image size (crops_batched), not one call per image.
+    Returns (B, 3, S, S) float32."""
+    params = crop_params(images, min_scale, interpolation)
+    crop = crops_batched if batched else crops_one_by_one
+    x = crop(images, params, img_size).clamp_(0, 255)  # (B, 3, S, S), bicubic may overshoot
     flip = (torch.rand(len(images)) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
@@ -170,13 +207,14 @@ class DeviceLoader:
 
     def __init__(self, root, batch_size, seed, device, img_size, min_scale=0.2, rank=0,
                  world_size=1, num_workers=4, split="train", interpolation="bicubic",
-                 data="imagefolder"):
+                 data="imagefolder", batched_crops=False):
         folder = image_files(data, root, split)
         self.dataset = FileBytes(folder.samples)
         self.device = device
         self.img_size = img_size
         self.min_scale = min_scale
         self.interpolation = interpolation
+        self.batched_crops = batched_crops  # device_augment's batched
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
@@ -208,5 +246,5 @@ class DeviceLoader:
                 yield None, None, n_bad
                 continue
             imgs = device_augment([images[i] for i in keep], self.img_size, self.min_scale,
-                                  self.interpolation)
+                                  self.interpolation, self.batched_crops)
             yield imgs, labels[keep].to(self.device, non_blocking=True), n_bad

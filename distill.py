@@ -41,7 +41,7 @@ class DistillError(ValueError):
 
 def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2, trust=False):
     """A frozen teacher (eval mode, no gradients) built as `model_name` and loaded through
-    model.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours, plain state
+    checkpoints.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours, plain state
     dicts, Hiera files. Every encoder key and the ViT's final norm must be present with the right
     shape. A Hiera teacher is built with the student's q_pool (its MAE files have no final norm,
     which attention distillation does not use). A ViT teacher must fit the student's images

@@ -8,27 +8,25 @@
     python finetune.py --init out/ft/best.pth --eval                # evaluate only
     python finetune.py --init out/ft/best.pth --export out/vit_tiny_ft   # timm's hub layout
 
---init takes our pre-training or fine-tuning checkpoints, FAIR MAE, MAE-Lite and timm files (the
-loader in model.py reports what it loaded, dropped and initialised), or nothing (from scratch).
-A recipe is a set of defaults (RECIPES below); every flag overrides its entry.
+--init takes our pre-training or fine-tuning checkpoints, FAIR MAE, MAE-Lite and timm files
+(checkpoints.load_pretrained reports what it loaded, dropped and initialised), or nothing (from
+scratch). A recipe is a set of defaults (RECIPES below); every flag overrides its entry.
 """
 import argparse
 import copy
-import json
 import os
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import classifier
 import data
 import loop
 import plumbing
 import weights
-from checkpoints import (CheckpointError, build_model, load_pretrained, read_hub_config,
-                         read_state_dict)
+from checkpoints import CheckpointError, read_hub_config
 from hiera import HIERA_CONFIGS
 from model import PRESETS, VIT_CONFIGS
 
@@ -70,80 +68,7 @@ ARCH_ARGS = ("model", "img_size", "patch_size", "global_pool", "rel_pos", "recip
 
 
 # ----------------------------------------------------------------------------------------------
-# Model surgery: heads, reserved blocks, layer-wise lr decay
-
-
-def layer_id(name, depth):
-    """MAE/BEiT layer of a parameter: patch embedding, cls token, position embedding are layer 0,
-    block i (0-indexed) is layer i + 1, everything after the blocks is layer depth + 1."""
-    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def layer_decay_scale(name, depth, decay):
-    """lr scale decay^(depth + 1 - layer): the head trains at the full lr, the stem the least."""
-    return decay ** (depth + 1 - layer_id(name, depth))
-
-
-def reinit_blocks(model, fresh, keep):
-    """Keep blocks 1..keep (1-indexed) as loaded; the rest take the weights of `fresh`, the
-    same model before loading (so they are initialised exactly as training from scratch)."""
-    for block, new in zip(model.blocks[keep:], fresh.blocks[keep:]):
-        block.load_state_dict(new.state_dict())
-
-
-def build_classifier(args, num_classes):
-    """The ViT or Hiera to train. linprobe: the head is BatchNorm1d(affine=False) + Linear and
-    nothing else trains (FAIR MAE). Fine-tuning trains the ViT's position embedding too, as
-    FAIR's fine-tuning (where it is an ordinary timm parameter)."""
-    if args.model in HIERA_CONFIGS:  # mean-pooled, no cls token, no relative positions
-        model = build_model(args.model, img_size=args.img_size, num_classes=num_classes,
-                            drop_path_rate=args.drop_path)
-    else:
-        model = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                            num_classes=num_classes, global_pool=args.global_pool,
-                            drop_path_rate=args.drop_path, rel_pos=args.rel_pos)
-    if args.recipe == "linprobe":
-        model.head = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
-                                   nn.Linear(model.num_features, num_classes))
-    return model
-
-
-def init_head(model, linprobe, std):
-    """Trunc-normal head weights of the recipe's std (timm / MAE-Lite 0.02, FAIR MAE 2e-5,
-    linear probing 0.01), zero bias."""
-    linear = model.head[1] if linprobe else getattr(model.head, "projection", model.head)
-    nn.init.trunc_normal_(linear.weight, std=std)
-    nn.init.zeros_(linear.bias)
-
-
-def init_like_timm(model):
-    """timm's ViT initialisation, which the papers' from-scratch baselines get (MAE-Lite and
-    FAIR fine-tune timm's VisionTransformer): trunc-normal std 0.02 for every Linear (the head
-    included), for cls_token and for pos_embed (a learned, random position embedding), zero
-    biases, LayerNorm 1 / 0, PyTorch's default init for the patch-embedding conv."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    model.patch_embed.proj.reset_parameters()
-    nn.init.trunc_normal_(model.cls_token, std=0.02)
-    nn.init.trunc_normal_(model.pos_embed, std=0.02)
-
-
-def freeze_backbone(model):
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("head."))
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: augmentation, mixup / cutmix, evaluation
+# Data and evaluation
 
 
 def class_names(dataset):
@@ -184,38 +109,11 @@ def evaluate(model, loader, device, precision):
 
 
 # ----------------------------------------------------------------------------------------------
-# LARS, for linear probing (FAIR MAE's optimizer there)
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose update of each matrix is scaled by the trust ratio
-    eta * ||w|| / ||g + wd * w||; 1-D parameters (biases) get plain SGD, as FAIR's LARS."""
-
-    def __init__(self, params, lr=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=g["weight_decay"])
-                    w_norm = torch.norm(p)
-                    u_norm = torch.norm(update)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0),
-                                        g["trust_coefficient"] * w_norm / u_norm, 1.0)
-                    update = update * trust
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(update)
-                p.add_(buf, alpha=-g["lr"])
+# The optimizer (LARS, in loop.py, for linear probing: FAIR MAE's optimizer there)
 
 
 def build_optimizer(args, model, lr, device):
-    decay = (lambda name: layer_decay_scale(name, model.depth, args.layer_decay)) \
+    decay = (lambda name: classifier.layer_decay_scale(name, model.depth, args.layer_decay)) \
         if args.layer_decay != 1.0 else None
     groups = loop.param_groups(model, args.weight_decay, decay,
                                    no_decay_names=("cls_token", "pos_embed"))  # timm's
@@ -223,7 +121,7 @@ def build_optimizer(args, model, lr, device):
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     if args.opt == "sgd":  # Nesterov, as MAE-Lite's transfer code
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    return LARS(groups, lr=lr, weight_decay=args.weight_decay)
+    return loop.LARS(groups, lr=lr, weight_decay=args.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,52 +241,42 @@ def get_parser():
 
 
 def parse_args(argv=None):
-    """Flags -> checked args. The defaults are layered once, before the real parse: the recipe
-    (for --eval / --export of one of our fine-tuned files: the file's recipe and head layout),
-    the synthetic demo's sizes, the --init checkpoint's architecture, and with --resume the
-    flags of the run it continues; a flag given on the command line wins over all of them."""
+    """Flags -> checked args, over layered defaults (plumbing.parse_layered): the recipe (for
+    --eval / --export of one of our fine-tuned files: the file's recipe and head layout), the
+    synthetic demo's sizes, the --init checkpoint's architecture, Hiera's pooling and sizes;
+    then --resume's run, then the command line."""
     parser = get_parser()
-    given, _ = parser.parse_known_args(argv)
-    auto = given.resume == "auto"
-    given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
-    source = init_source_args(given.init) if given.init else {}
-    recipe = given.recipe
-    evaluating = (given.eval or given.export) and "recipe" in source  # our fine-tuned file
-    if evaluating:
-        recipe = source["recipe"]
-    layers = [{k: v for k, v in RECIPES[recipe].items() if k != "warmup_epochs"}]
-    if plumbing.checkpoint_script(source) == "moco.py" and recipe != "linprobe":
-        layers.append(dict(layer_decay=0.75))  # the papers' layer decay for MoCo-v3 models
-    if evaluating:  # the file's head layout, over its recipe's
-        layers.append(dict(recipe=recipe, global_pool=source.get("global_pool"),
-                           rel_pos=source.get("rel_pos", False)))
-    if given.data == "synthetic":
-        layers.append(SYNTHETIC)
-    arch = ("model", "img_size", "patch_size") + (("global_pool",) if given.eval or given.export
-                                                  else ())  # a classifier keeps its pooling
-    layers.append({k: source[k] for k in arch if k in source and source[k] is not None})
-    for layer in layers:
-        parser.set_defaults(**layer)
-    model, _ = parser.parse_known_args(argv)
-    if model.model in HIERA_CONFIGS:  # mean-pooled, 32-px multiples, its own head init
-        parser.set_defaults(global_pool="avg")
-        if given.data == "synthetic" and "img_size" not in source:
-            parser.set_defaults(img_size=64)
-        if recipe != "linprobe":
-            parser.set_defaults(head_init_std=None)
-    if given.resume:  # last, so that a resumed run keeps every value it had
-        plumbing.check_resume_script(parser, given.resume, "finetune.py")
-        resumed = plumbing.resumed_defaults(given.resume, vars(given))
-        if isinstance(resumed.get("lr"), float):  # written before --lr was parsed as a list
-            resumed["lr"] = [resumed["lr"]]
-        parser.set_defaults(**resumed)
-        plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
-                        f"{given.resume}")
-    args = parser.parse_args(argv)
-    if auto and args.lr is not None and len(args.lr) > 1:
+
+    def layers(given, typed):
+        source = init_source_args(given.init) if given.init else {}
+        recipe = given.recipe
+        evaluating = (given.eval or given.export) and "recipe" in source  # our fine-tuned file
+        if evaluating:
+            recipe = source["recipe"]
+        found = [{k: v for k, v in RECIPES[recipe].items() if k != "warmup_epochs"}]
+        if plumbing.checkpoint_script(source) == "moco.py" and recipe != "linprobe":
+            found.append(dict(layer_decay=0.75))  # the papers' layer decay for MoCo-v3 models
+        if evaluating:  # the file's head layout, over its recipe's
+            found.append(dict(recipe=recipe, global_pool=source.get("global_pool"),
+                              rel_pos=source.get("rel_pos", False)))
+        if given.data == "synthetic":
+            found.append(SYNTHETIC)
+        arch = ("model", "img_size", "patch_size") + (("global_pool",) if given.eval or given.export
+                                                      else ())  # a classifier keeps its pooling
+        found.append({k: source[k] for k in arch if k in source and source[k] is not None})
+        model = typed.get("model") or source.get("model") or parser.get_default("model")
+        if model in HIERA_CONFIGS:  # mean-pooled, 32-px multiples, its own head init
+            found.append(dict(global_pool="avg"))
+            if given.data == "synthetic" and "img_size" not in source:
+                found.append(dict(img_size=64))
+            if recipe != "linprobe":
+                found.append(dict(head_init_std=None))
+        return found
+
+    args, given = plumbing.parse_layered(parser, argv, "finetune.py", layers)
+    if given.auto_resume and args.lr is not None and len(args.lr) > 1:
         parser.error("--resume auto continues one run: with an lr sweep, give each lr its own "
                      "run (--lr 0.01 --out-dir OUT/lr0.01 --resume auto)")
-    args.resume = given.resume
     plumbing.warmup_from_fraction(args, RECIPES[args.recipe]["warmup_epochs"]
                                   / RECIPES[args.recipe]["epochs"])
     validate(args, parser)
@@ -445,19 +333,14 @@ def validate(args, parser):
     """Each flag's range (RANGES), then the rules that tie flags together, with a message that
     names the fix."""
     plumbing.check_ranges(parser, args, RANGES)
-    if args.eval or args.export:  # they write no checkpoint
-        plumbing.check_out_dir(parser, args.out_dir)
-    else:
-        plumbing.check_new_run(parser, args)
+    hiera = args.model in HIERA_CONFIGS
+    plumbing.check_run_flags(parser, args, hiera, writes_checkpoints=not (args.eval or args.export))
     if args.data == "folder":
         parser.error("--data folder has no labels: fine-tuning needs one sub-folder per class "
                      "(--data imagefolder)")
-    hiera = args.model in HIERA_CONFIGS
     if hiera and (args.rel_pos or args.global_pool == "token"):
         parser.error("Hiera mean-pools its tokens and has no relative position bias: drop "
                      "--rel-pos / --global-pool token")
-    if hiera and args.img_size % 32:
-        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera")
     depth = sum(HIERA_CONFIGS[args.model]["stages"]) if hiera else VIT_CONFIGS[args.model]["depth"]
     if args.keep_blocks is not None:
         if args.init is None and args.resume is None:
@@ -472,106 +355,10 @@ def validate(args, parser):
                      f"{args.model} (or give --model {weights.WEIGHTS[args.init]['model']})")
     if args.lr is not None and len(args.lr) > 1 and args.resume:
         parser.error("--resume continues one run; give a single --lr")
-    if not hiera and args.img_size % args.patch_size:
-        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
-                     f"{args.patch_size}")
-    if not 0 <= args.warmup_epochs <= args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
-                     f"{args.epochs}")
-    if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
-        parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
 
 
 # ----------------------------------------------------------------------------------------------
 # The run
-
-
-def prepare_model(args, num_classes, device):
-    """Build, load --init (report printed), re-initialise the head and the dropped blocks."""
-    model = build_classifier(args, num_classes)
-    linprobe = args.recipe == "linprobe"
-    if args.fresh_init == "timm" and args.model not in HIERA_CONFIGS:
-        init_like_timm(model)  # timm's ViT, as the papers' code; --init overwrites the backbone
-    if args.init:
-        fresh = copy.deepcopy(model) if args.keep_blocks is not None else None
-        load_pretrained(model, args.init, verbose=plumbing.is_main_process(),
-                        trust=args.trust_checkpoint)
-        if fresh is not None:
-            reinit_blocks(model, fresh, args.keep_blocks)
-            plumbing.print0(f"kept blocks 1..{args.keep_blocks}, re-initialised "
-                            f"{args.keep_blocks + 1}..{model.depth}")
-    if not (args.eval or args.export or args.resume) and args.head_init_std is not None:
-        init_head(model, linprobe, args.head_init_std)
-    if linprobe:
-        freeze_backbone(model)
-    else:
-        model.pos_embed.requires_grad_(True)  # the ViT's is fixed in pre-training
-    return model.to(device)
-
-
-def export(args):
-    """--init in timm's hub layout: DIR/model.safetensors (timm's VisionTransformer keys) and
-    DIR/config.json (architecture, num_classes, model_args with the head count, pretrained_cfg).
-    timm.create_model('local-dir:DIR', pretrained=True) builds and loads it (timm >= 1.0.16), as
-    does finetune.py --init DIR/model.safetensors (config.json gives the architecture)."""
-    if args.model in HIERA_CONFIGS:
-        raise CheckpointError("--export writes timm's VisionTransformer; a Hiera checkpoint "
-                              "already has the official Hiera keys (timm's hiera "
-                              "checkpoint_filter_fn converts them)")
-    if (os.path.exists(args.export) and not os.path.isdir(args.export)) or \
-            args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
-        raise CheckpointError(f"--export {args.export} names a file: give a folder (it will "
-                              "hold model.safetensors and config.json)")
-    try:  # the destination first: a bad one is named even without the package
-        from safetensors.torch import save_file
-    except ImportError:
-        raise CheckpointError("--export writes model.safetensors, which needs the safetensors "
-                              "package: pip install safetensors") from None
-    model = prepare_model(args, checkpoint_num_classes(args.init, args.trust_checkpoint),
-                          torch.device("cpu"))
-    if args.rel_pos or args.recipe == "linprobe":
-        raise CheckpointError("timm's VisionTransformer has no relative position bias nor "
-                              "BatchNorm head: export a fine-tuned model without --rel-pos")
-    os.makedirs(args.export, exist_ok=True)
-    weights = os.path.join(args.export, "model.safetensors")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, weights + ".tmp", metadata={"format": "pt"})
-    os.replace(weights + ".tmp", weights)
-    config = os.path.join(args.export, "config.json")
-    with open(config + ".tmp", "w") as f:
-        json.dump(hub_config(args, model), f, indent=2)
-    os.replace(config + ".tmp", config)
-    print(f"wrote {weights} and {config}; load them with timm.create_model('local-dir:"
-          f"{args.export}', pretrained=True) or finetune.py --init {weights}")
-
-
-def hub_config(args, model):
-    """timm's config.json for a ViT (timm/models/_hub.py save_config_for_hf): the architecture
-    named by size, the actual shape in model_args (which override the name's defaults, so the
-    papers' 12-head ViT-Tiny stays 12-head), and the evaluation transform in pretrained_cfg."""
-    size = args.model.split("_")[1]  # tiny, small, base, large
-    h, w = model.img_size
-    model_args = dict(img_size=[h, w], patch_size=model.patch_size, embed_dim=model.embed_dim,
-                      depth=model.depth, num_heads=model.num_heads, num_classes=model.num_classes,
-                      global_pool=model.global_pool)
-    return {"architecture": f"vit_{size}_patch16_224", "num_classes": model.num_classes,
-            "num_features": model.num_features, "global_pool": model.global_pool,
-            "model_args": model_args,
-            "pretrained_cfg": {"tag": "nanomim", "custom_load": False, "input_size": [3, h, w],
-                               "fixed_input_size": True, "interpolation": "bicubic",
-                               "crop_pct": 224 / 256, "crop_mode": "center",
-                               "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD),
-                               "num_classes": model.num_classes, "pool_size": None,
-                               "first_conv": "patch_embed.proj", "classifier": "head"}}
-
-
-def checkpoint_num_classes(path, trust=False):
-    head = {k: v for k, v in read_state_dict(path, trust).items()
-            if k in ("head.weight", "head.1.weight", "head.projection.weight")}
-    if not head:
-        raise CheckpointError(f"{path} has no classifier head (a pre-training checkpoint?): "
-                              "--eval and --export need a fine-tuned one; fine-tune it first")
-    return next(iter(head.values())).shape[0]
 
 
 def build_loaders(args, rank, world_size, device):
@@ -606,7 +393,7 @@ def build_loaders(args, rank, world_size, device):
 
 def evaluate_init(args, model, val_loader, num_classes, device, precision):
     """--eval: the top-1 / top-5 of the fine-tuned --init on the val split."""
-    head = checkpoint_num_classes(args.init, args.trust_checkpoint)
+    head = classifier.checkpoint_num_classes(args.init, args.trust_checkpoint)
     if head != num_classes:
         raise CheckpointError(f"{args.init}'s head has {head} classes but --data {args.data} has "
                               f"{num_classes}: evaluate it on the data it was fine-tuned on")
@@ -623,7 +410,7 @@ def train(args):
     plumbing.seed_everything(args.seed)
     train_set, train_loader, val_set, val_loader, num_classes = build_loaders(args, rank,
                                                                               world_size, device)
-    module = prepare_model(args, num_classes, device)
+    module = classifier.prepare_model(args, num_classes, device)
     compiled = plumbing.maybe_compile(module, use_compile)
     if args.eval:
         return evaluate_init(args, compiled, val_loader, num_classes, device, precision)
@@ -711,7 +498,8 @@ def sweep(args):
             run.out_dir = os.path.join(args.out_dir, f"lr{lr:g}")
         rows.append((lr, train(run)))
     if len(rows) > 1:
-        plumbing.print0(f"\n{'lr':>8} | {'best top-1':>10} | {'last top-1':>10} | {'last top-5':>10}")
+        plumbing.print0(f"\n{'lr':>8} | {'best top-1':>10} | {'last top-1':>10} | "
+                        f"{'last top-5':>10}")
         for lr, r in rows:
             plumbing.print0(f"{lr:>8g} | {r['best_top1']:>10.2f} | {r['top1']:>10.2f} | "
                             f"{r['top5']:>10.2f}")
@@ -722,7 +510,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.export:
-            return export(args)
+            return classifier.export(args)
         if args.eval:  # one evaluation, whatever lrs the recipe sweeps
             return train(args)
         return sweep(args)

@@ -5,7 +5,8 @@ step, resuming, the loss log, the end of an epoch and the crash-safe checkpoint.
 Plain functions and one small class (LossLog); no Trainer. A loop reads:
 
     log, last_path = loop.open_run(args, is_main)
-    ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume else None
+    ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume \
+        else None
     ...build the model and optimizer, load ckpt's model state...
     start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
     losses = loop.LossLog(log, last_path, world_size)
@@ -125,7 +126,8 @@ def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunError(f"cannot read {path} ({type(e).__name__}): the file is damaged or not a "
-                       "nanoMIM checkpoint; resume from an earlier checkpoint-<epoch>.pth") from None
+                       "nanoMIM checkpoint; resume from an earlier checkpoint-<epoch>.pth") \
+            from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise RunError(f"{path} is not a nanoMIM training checkpoint (no {', '.join(missing)}); "
@@ -270,3 +272,30 @@ def finish_run(out_dir, log, step):
     if viewers.write_run_curves(out_dir):
         plumbing.print0(f"wrote {os.path.join(out_dir, 'curves.png')}")
     log.add_pictures(out_dir, step)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose update of each matrix is scaled by the trust ratio
+    eta * ||w|| / ||g + wd * w||; 1-D parameters (biases) get plain SGD, as FAIR's LARS."""
+
+    def __init__(self, params, lr=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=g["weight_decay"])
+                    w_norm = torch.norm(p)
+                    u_norm = torch.norm(update)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0),
+                                        g["trust_coefficient"] * w_norm / u_norm, 1.0)
+                    update = update * trust
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(update)
+                p.add_(buf, alpha=-g["lr"])

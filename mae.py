@@ -161,39 +161,31 @@ INIT_ARGS = ("model", "img_size", "patch_size", "decoder_dim", "decoder_depth", 
 
 
 def parse_args(argv=None):
-    """Flags -> checked args. The defaults are layered once, before the real parse: the model's
-    paper defaults (PRETRAIN_DEFAULTS), the synthetic demo's sizes, and with --resume the flags
-    of the run it continues (so a change of defaults never changes a run half-way); a flag given
-    on the command line wins over all of them."""
+    """Flags -> checked args, over layered defaults (plumbing.parse_layered): the model's paper
+    defaults (PRETRAIN_DEFAULTS), a published teacher's architecture, the synthetic demo's
+    sizes, an --init checkpoint's architecture; then --resume's run, then the command line."""
     parser = get_parser()
-    given, _ = parser.parse_known_args(argv)
-    auto = given.resume == "auto"
-    given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
-    if auto and given.resume and given.init:  # a relaunched warm start: the run continues
-        plumbing.print0(f"--resume auto: the run continues, so --init {given.init} is not read")
-        given.init = None
-    source = {}  # ours or a published name: its architecture
-    if given.init:
-        source = weights.stated_args(given.init) or plumbing.checkpoint_args(given.init)
-    source = {k: v for k, v in source.items() if k in INIT_ARGS}
-    parser.set_defaults(**source)  # its --model first, so the presets below are that model's
-    model = parser.parse_known_args(argv)[0].model
-    parser.set_defaults(**PRETRAIN_DEFAULTS[model])
-    if given.teacher in weights.WEIGHTS:  # a published teacher names its architecture
-        parser.set_defaults(teacher_model=weights.WEIGHTS[given.teacher]["model"])
-    if given.data == "synthetic":
-        parser.set_defaults(**DEMO_DEFAULTS)
-        if model in HIERA_CONFIGS:
-            parser.set_defaults(img_size=64)
-    parser.set_defaults(**source)
-    if given.resume:
-        plumbing.check_resume_script(parser, given.resume, "mae.py")
-        resumed = plumbing.resumed_defaults(given.resume, vars(given))
-        parser.set_defaults(**resumed)
-        plumbing.print0(f"--resume: flags not given take the values of the run that wrote "
-                        f"{given.resume}")
-    args = parser.parse_args(argv)
-    args.resume, args.init = given.resume, given.init
+
+    def layers(given, typed):
+        if given.auto_resume and given.resume and given.init:  # a relaunched warm start
+            plumbing.print0(f"--resume auto: the run continues, so --init {given.init} is not "
+                            "read")
+            given.init = None
+        source = {}  # ours or a published name: its architecture
+        if given.init:
+            source = weights.stated_args(given.init) or plumbing.checkpoint_args(given.init)
+        source = {k: v for k, v in source.items() if k in INIT_ARGS}
+        model = typed.get("model") or source.get("model") or parser.get_default("model")
+        found = [PRETRAIN_DEFAULTS[model]]
+        if given.teacher in weights.WEIGHTS:  # a published teacher names its architecture
+            found.append(dict(teacher_model=weights.WEIGHTS[given.teacher]["model"]))
+        if given.data == "synthetic":
+            found.append(dict(DEMO_DEFAULTS, **({"img_size": 64} if model in HIERA_CONFIGS
+                                                 else {})))
+        return found + [source]
+
+    args, given = plumbing.parse_layered(parser, argv, "mae.py", layers)
+    args.init = given.init
     plumbing.warmup_from_fraction(args, WARMUP_FRACTION)
     if args.teacher is None and (args.distill_layer or args.teacher_layer):
         default_teacher(args, parser)
@@ -286,8 +278,8 @@ def validate(args, parser):
     """Each flag's range (RANGES), then the rules that tie flags together, with a message that
     names the fix."""
     plumbing.check_ranges(parser, args, RANGES)
-    plumbing.check_new_run(parser, args)
     hiera = args.model in HIERA_CONFIGS
+    plumbing.check_run_flags(parser, args, hiera)
     depth = model_depth(args.model)
     if hiera and args.recon_layer is not None:
         parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
@@ -315,12 +307,6 @@ def validate(args, parser):
         if name in weights.WEIGHTS and weights.WEIGHTS[name]["model"] != arch:
             parser.error(f"{flag} {name} is a {weights.WEIGHTS[name]['model']}: drop {arch_flag} "
                          f"{arch} (or give {arch_flag} {weights.WEIGHTS[name]['model']})")
-    if hiera and args.img_size % 32:
-        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
-                     "x mask unit 8)")
-    if not hiera and args.img_size % args.patch_size:
-        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
-                     f"{args.patch_size}")
     slots, what = ((args.img_size // 32) ** 2, "mask units") if hiera else \
         ((args.img_size // args.patch_size) ** 2, "patches")
     if not 0 <= args.mask_ratio < 1 or int(slots * (1 - args.mask_ratio)) < 1:
@@ -332,11 +318,6 @@ def validate(args, parser):
     if args.student_color_jitter > 0 and args.teacher is None:
         parser.error("--student-color-jitter jitters the student's view apart from the "
                      "teacher's (TinyMIM): it needs --teacher")
-    if not 0 <= args.warmup_epochs <= args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
-                     f"{args.epochs}")
-    if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
-        parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
     if args.loader == "device" and args.data not in ("imagefolder", "folder"):
         parser.error("--loader device reads image files: use it with --data imagefolder or "
                      "--data folder")
@@ -350,7 +331,8 @@ def validate(args, parser):
 
 
 def model_depth(name):
-    return sum(HIERA_CONFIGS[name]["stages"]) if name in HIERA_CONFIGS else VIT_CONFIGS[name]["depth"]
+    return sum(HIERA_CONFIGS[name]["stages"]) if name in HIERA_CONFIGS \
+        else VIT_CONFIGS[name]["depth"]
 
 
 def distill_layers(args):
@@ -461,7 +443,8 @@ def train_demo_teacher(args):
 
 def warm_start(student, path, trust=False):
     """--init: the student's weights from any encoder or encoder + decoder checkpoint (through
-    model.load_pretrained, which prints what it loaded); the optimizer and schedule start afresh.
+    checkpoints.load_pretrained, which prints what it loaded); the optimizer and schedule start
+    afresh.
     Says whether the decoder came from the file or starts from its initialisation."""
     report = load_pretrained(student, path, verbose=plumbing.is_main_process(), trust=trust)
     trained = {name for name, p in student.named_parameters() if p.requires_grad}

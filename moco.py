@@ -189,29 +189,14 @@ ARCH_ARGS = ("model", "img_size", "patch_size", "mlp_dim", "out_dim", "frozen_pa
 
 
 def parse_args(argv=None):
-    """Flags -> checked args: the synthetic demo's sizes, then with --resume the flags of the
-    run it continues; a flag given on the command line wins."""
+    """Flags -> checked args, over the synthetic demo's sizes (plumbing.parse_layered)."""
     parser = get_parser()
-    given, _ = parser.parse_known_args(argv)
-    given.resume = plumbing.resolve_resume(given.resume, given.out_dir)
-    if given.data == "synthetic":
-        parser.set_defaults(**DEMO_DEFAULTS)
-    if given.resume:
-        plumbing.check_resume_script(parser, given.resume, "moco.py")
-        parser.set_defaults(**plumbing.resumed_defaults(given.resume, vars(given)))
-    args = parser.parse_args(argv)
-    args.resume = given.resume
+    args, _ = plumbing.parse_layered(
+        parser, argv, "moco.py",
+        lambda given, typed: [DEMO_DEFAULTS] if given.data == "synthetic" else [])
     plumbing.warmup_from_fraction(args, 0.1)
     plumbing.check_ranges(parser, args, RANGES)
-    plumbing.check_new_run(parser, args)
-    if args.img_size % args.patch_size:
-        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
-                     f"{args.patch_size}")
-    if not 0 <= args.warmup_epochs <= args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
-                     f"{args.epochs}")
-    if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
-        parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
+    plumbing.check_run_flags(parser, args)
     return args
 
 

@@ -306,6 +306,27 @@ def check_new_run(parser, args):
                      "with --overwrite")
 
 
+def check_run_flags(parser, args, hiera=False, writes_checkpoints=True):
+    """The rules every training script shares, each with one line naming the fix: a new run
+    never replaces an earlier one (check_new_run), the images fit the patches (Hiera: 32-px
+    multiples, stride 4 x mask unit 8), the warmup fits the run, data on disk has a root."""
+    if writes_checkpoints:
+        check_new_run(parser, args)
+    else:
+        check_out_dir(parser, args.out_dir)
+    if hiera and args.img_size % 32:
+        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
+                     "x mask unit 8)")
+    if not hiera and args.img_size % args.patch_size:
+        parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
+                     f"{args.patch_size}")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs} must be within 0..--epochs "
+                     f"{args.epochs}")
+    if args.data not in ("synthetic", "fashion_mnist") and args.data_root is None:
+        parser.error(f"--data {args.data} needs --data-root (the folder that holds the data)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimisation
 
@@ -328,20 +349,48 @@ def checkpoint_args(path):
     return stored if isinstance(stored, dict) else {}
 
 
-# Flags added after checkpoints were first written, with the value a run without them had.
-LEGACY_ARGS = {"crop_interpolation": "bicubic"}
+def upgrade_args(stored):
+    """The args of a checkpoint written by an earlier nanoMIM, as this one names them: flags
+    added since get the value a run without them had, and a fine-tuning run's single --lr
+    becomes the one-element list --lr now is."""
+    stored = {"crop_interpolation": "bicubic", **stored}
+    if isinstance(stored.get("lr"), float) and "recipe" in stored:  # finetune.py's, pre-list
+        stored["lr"] = [stored["lr"]]
+    return stored
 
 
 def resumed_defaults(path, names, never=("resume", "out_dir", "init", "export", "eval")):
     """--resume continues a run: the defaults of the flags `names` become the values the
-    checkpoint's run used (LEGACY_ARGS for flags older checkpoints do not record), so that a
-    change of nanoMIM's defaults never changes a run half-way. {} for an unreadable file (the
-    resume itself then says what is wrong)."""
+    checkpoint's run used (upgrade_args), so that a change of nanoMIM's defaults never changes
+    a run half-way. {} for an unreadable file (the resume itself then says what is wrong)."""
     stored = checkpoint_args(path) if os.path.isfile(path) else {}
     if not stored:
         return {}
-    stored = {**LEGACY_ARGS, **stored}
-    return {k: v for k, v in stored.items() if k in names and k not in never}
+    return {k: v for k, v in upgrade_args(stored).items() if k in names and k not in never}
+
+
+def parse_layered(parser, argv, script, layers):
+    """Every script's parse, in one pass over layered defaults (the later wins): the parser's
+    own, then each dict of layers(given, typed) (model preset, demo sizes, an --init file's
+    architecture, ...), then the flags of the run --resume continues, then the command line.
+    given: the command line over the parser's defaults, with --resume auto resolved to a path
+    or None (given.auto_resume says it was auto); typed: only the flags typed, as a dict.
+    Returns (args, given)."""
+    given, _ = parser.parse_known_args(argv)
+    typed, _ = parser.parse_known_args(argv, argparse.Namespace(**{
+        a.dest: None for a in parser._actions if a.dest != "help"}))
+    typed = {k: v for k, v in vars(typed).items() if v is not None}
+    given.auto_resume = given.resume == "auto"
+    given.resume = resolve_resume(given.resume, given.out_dir)
+    for layer in layers(given, typed):
+        parser.set_defaults(**layer)
+    if given.resume:  # last, so that a resumed run keeps every value it had
+        check_resume_script(parser, given.resume, script)
+        parser.set_defaults(**resumed_defaults(given.resume, vars(given)))
+        print0(f"--resume: flags not given take the values of the run that wrote {given.resume}")
+    args = parser.parse_args(argv)
+    args.resume = given.resume
+    return args, given
 
 
 def resolve_resume(resume, out_dir):

@@ -63,7 +63,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07, chunk
     for start in range(0, len(test_x), chunk):
         sim = test_x[start:start + chunk] @ train_x.T  # (m, N)
         top, index = sim.topk(k, dim=1)  # (m, k)
-        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[index], (top / temperature).exp())
+        weights = (top / temperature).exp()
+        votes = torch.zeros(len(top), classes).scatter_add_(1, train_y[index], weights)
         correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
     return 100.0 * correct / len(test_x)
 

@@ -8,7 +8,7 @@
 torch.hub.get_dir()/checkpoints (as torch.hub and timm do), through a `.part` file that is renamed
 only when the whole file has arrived and passed its checks, so an interrupted download never
 leaves a file that looks whole. After that it is just a path: the same strict loader
-(model.load_pretrained) reads it.
+(checkpoints.load_pretrained) reads it.
 """
 import argparse
 import hashlib

@@ -1,5 +1,9 @@
 """bench.py's FLOP count against a hand count of every matmul (the oracle: the architecture's
 shapes, multiplied out here), on the CPU, where FlopCounterMode alone counts SDPA as 0."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,3 +74,20 @@ def test_the_count_is_the_same_through_either_attention_path(name, monkeypatch):
     fused = bench.count_flops(name, args)
     monkeypatch.setattr(model, "slow_sdpa", lambda q: True)  # every block: the explicit path
     assert bench.count_flops(name, args) == fused
+
+
+def test_the_prepared_gpu_check_runs_every_part_at_toy_sizes(tmp_path):
+    """gpu_check.sh with SMALL=1 on CPU: each part writes its file, and the summary sets the
+    step against each loader (the numbers themselves mean nothing here)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OUT=str(tmp_path), SMALL="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", "gpu_check.sh"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("step_b2.json", "step_b4.json", "loaders.json", "summary.txt", "progress.txt"):
+        assert (tmp_path / name).is_file(), name
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "MAE step batch 4, compile False" in summary and "x the timm-built step" in summary
+    loaders = [line.split(",")[0] for line in summary.splitlines() if line.startswith("loader ")]
+    assert loaders == ["loader pil", "loader device", "loader device_batched"]
+    assert "5. done" in (tmp_path / "progress.txt").read_text()

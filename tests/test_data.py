@@ -229,14 +229,36 @@ def test_device_loader_matches_the_classic_path(tmp_path, capsys):
     assert "undecodable" in capsys.readouterr().err
 
 
-def test_device_augment_on_a_whole_image_is_a_resize():
+@pytest.mark.parametrize("batched", [False, True])
+def test_device_augment_on_a_whole_image_is_the_image(batched):
     img = (torch.arange(3 * 8 * 8) % 251).to(torch.uint8).view(3, 8, 8)
     torch.manual_seed(0)
-    out = device_loader.device_augment([img], 8, min_scale=1.0)  # area 1, ratio 1 -> the image itself
+    out = device_loader.device_augment([img], 8, min_scale=1.0, batched=batched)  # the image
     expected = (img.float() / 255 - torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)) \
         / torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(out[0], expected, atol=1e-4) or \
         torch.allclose(out[0], expected.flip(-1), atol=1e-4)
+
+
+def test_batched_crops_match_the_per_image_crops_they_replace():
+    """The same boxes and flips (drawn in the same order), and crops within a few grey levels
+    of the antialiased bilinear ones on smooth images of two sizes."""
+    torch.manual_seed(0)
+    smooth = lambda h, w: torch.nn.functional.interpolate(  # noqa: E731
+        torch.rand(1, 3, h // 8, w // 8) * 255, size=(h, w), mode="bicubic")[0].clamp(0, 255)
+    images = [smooth(96, 128).to(torch.uint8) for _ in range(5)] + \
+        [smooth(128, 96).to(torch.uint8) for _ in range(4)]
+    torch.manual_seed(1)
+    params = device_loader.crop_params(images, 0.2, "bilinear")
+    one = device_loader.crops_one_by_one(images, params, 32)
+    batched = device_loader.crops_batched(images, params, 32)
+    assert batched.shape == one.shape == (9, 3, 32, 32)
+    assert (batched - one).abs().mean() < 1.5 and (batched - one).abs().max() < 15
+    torch.manual_seed(2)
+    a = device_loader.device_augment(images, 32, 0.2, "bilinear")
+    torch.manual_seed(2)
+    b = device_loader.device_augment(images, 32, 0.2, "bilinear", batched=True)
+    assert (a - b).abs().mean() < 0.05  # normalised units: the same crops and flips
 
 
 def test_cuda_decodes_wait_for_the_stream_first(monkeypatch):

@@ -11,6 +11,7 @@ from PIL import Image
 import analyze
 import augment
 import checkpoints
+import classifier
 import device_loader
 import distill
 import finetune
@@ -372,7 +373,7 @@ def test_attention_distance_units():
 def prepared(*flags):
     args = finetune_args(*flags)
     torch.manual_seed(0)
-    return finetune.prepare_model(args, 10, torch.device("cpu"))
+    return classifier.prepare_model(args, 10, torch.device("cpu"))
 
 
 def test_head_init_follows_the_recipe():

@@ -9,6 +9,7 @@ import torch
 
 import augment
 import checkpoints
+import classifier
 import finetune
 import loop
 from model import ViT, vit_small, vit_tiny
@@ -37,7 +38,7 @@ def test_layer_decay_groups_by_hand():
                 global_pool="avg")
     model.pos_embed.requires_grad_(True)  # trained when fine-tuning, as FAIR's
     groups = loop.param_groups(model, 0.05,
-                                   lambda n: finetune.layer_decay_scale(n, model.depth, 0.5),
+                                   lambda n: classifier.layer_decay_scale(n, model.depth, 0.5),
                                    no_decay_names=("cls_token", "pos_embed"))
     seen = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     # depth 3, decay 0.5: scale = 0.5 ** (4 - layer); stem layer 0, block i layer i + 1, rest 4
@@ -61,7 +62,7 @@ def test_keep_blocks_reinitialises_exactly_the_later_blocks(tmp_path):
     state = random_vit_file(path)
     args = finetune.parse_args((
         FAST + ["--init", path, "--keep-blocks", "5", "--global-pool", "token"]))
-    model = finetune.prepare_model(args, 10, torch.device("cpu"))
+    model = classifier.prepare_model(args, 10, torch.device("cpu"))
     now = model.state_dict()
     for key, value in state.items():
         if key.startswith("head."):
@@ -94,13 +95,12 @@ def test_pretraining_checkpoint_drops_decoder_and_reports(tmp_path, capsys):
     args = finetune.parse_args((
         ["--init", path, "--num-workers", "0"]))
     assert (args.img_size, args.patch_size) == (16, 4)  # architecture taken from the file
-    classifier = finetune.prepare_model(args, 10, torch.device("cpu"))
+    vit = classifier.prepare_model(args, 10, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "dropped: mask_token" in out and "decoder_pred.weight" in out
     assert "newly initialised: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in out
-    torch.testing.assert_close(classifier.blocks[3].attn.qkv.weight,
-                               model.blocks[3].attn.qkv.weight)
-    assert abs(classifier.head.weight.std() - 0.02) < 0.003  # impr: timm's trunc-normal 0.02
+    torch.testing.assert_close(vit.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.weight)
+    assert abs(vit.head.weight.std() - 0.02) < 0.003  # impr: timm's trunc-normal 0.02
 
 
 @pytest.mark.parametrize("make,words", [(vit_small, "another width"),
@@ -239,7 +239,7 @@ def test_export_checks_the_destination_before_the_package(finetuned, tmp_path, m
 def test_lars_step_by_hand():
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = finetune.LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    opt = loop.LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
     w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0])
     opt.step()
     update = torch.tensor([[0.3, 1.4]])  # g + wd * w

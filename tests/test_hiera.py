@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import analyze
+import classifier
 import finetune
 import hiera_mae
 import mae
@@ -155,11 +156,11 @@ def test_sparse_mae_reduces_the_loss_and_loads_into_the_classifier():
 
 def test_layer_decay_follows_the_block_index():
     depth = 12
-    assert finetune.layer_id("pos_embed", depth) == 0
-    assert finetune.layer_id("patch_embed.proj.weight", depth) == 0
-    assert finetune.layer_id("blocks.3.proj.weight", depth) == 4
-    assert finetune.layer_id("head.projection.weight", depth) == 13
-    assert finetune.layer_id("norm.weight", depth) == 13
+    assert classifier.layer_id("pos_embed", depth) == 0
+    assert classifier.layer_id("patch_embed.proj.weight", depth) == 0
+    assert classifier.layer_id("blocks.3.proj.weight", depth) == 4
+    assert classifier.layer_id("head.projection.weight", depth) == 13
+    assert classifier.layer_id("norm.weight", depth) == 13
 
 
 def test_scripts_end_to_end(tmp_path):

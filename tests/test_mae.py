@@ -260,7 +260,7 @@ def test_bench_smoke_on_cpu(tmp_path, fmnist_slice):
     names = {r["bench"] for r in rows}
     assert {"mae", "mae_distill", "finetune", "infer"} <= names
     assert all(r["images_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows)
-    assert {r["loader"] for r in loaders} == {"pil", "device"}
+    assert {r["loader"] for r in loaders} == {"pil", "device", "device_batched"}
     assert all(r["images"] == 12 for r in loaders)  # three full batches of 4 of the 14 JPEGs
     # the steady rate leaves out the first batch (no workers: the fill is one batch)
     assert all(r["fill_batches"] == 1 and r["steady_images_per_s"] > 0 for r in loaders)

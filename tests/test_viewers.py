@@ -299,9 +299,9 @@ def test_write_curves_tolerates_one_record_and_nan_and_refuses_bad_logs(tmp_path
 
 
 def test_study_draws_with_the_shared_line_plot():
-    import study
+    import study_report
 
-    assert study.draw_curves is viewers.draw_curves
+    assert study_report.draw_curves is viewers.draw_curves
 
 
 def test_trust_checkpoint_reaches_every_reader(tmp_path, micro):
@@ -314,7 +314,7 @@ def test_trust_checkpoint_reaches_every_reader(tmp_path, micro):
                 "--out-dir", str(tmp_path)]
         with pytest.raises(SystemExit) as exit_info:
             analyze.main(argv)
-        assert "--trust-checkpoint" in str(exit_info.value.code)  # model.py's message: the fix
+        assert "--trust-checkpoint" in str(exit_info.value.code)  # checkpoints.py's message: the fix
         analyze.main([*argv, "--trust-checkpoint"])
     for command in (["cka", "--a", "x.pth"], ["attn"]):
         assert analyze.get_parser().parse_args([*command, "--trust-checkpoint"]).trust_checkpoint

@@ -1,0 +1,173 @@
+"""classifier.py: the ViT or Hiera that finetune.py trains, evaluates and exports: its head
+and its initialisation, the layer-wise lr decay, the blocks kept from pre-training
+(--keep-blocks), the frozen backbone of linear probing, and the export to timm's hub layout.
+"""
+import copy
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+import augment
+import plumbing
+from checkpoints import CheckpointError, build_model, load_pretrained, read_state_dict
+from hiera import HIERA_CONFIGS
+
+
+def layer_id(name, depth):
+    """MAE/BEiT layer of a parameter: patch embedding, cls token, position embedding are layer 0,
+    block i (0-indexed) is layer i + 1, everything after the blocks is layer depth + 1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_scale(name, depth, decay):
+    """lr scale decay^(depth + 1 - layer): the head trains at the full lr, the stem the least."""
+    return decay ** (depth + 1 - layer_id(name, depth))
+
+
+def reinit_blocks(model, fresh, keep):
+    """Keep blocks 1..keep (1-indexed) as loaded; the rest take the weights of `fresh`, the
+    same model before loading (so they are initialised exactly as training from scratch)."""
+    for block, new in zip(model.blocks[keep:], fresh.blocks[keep:]):
+        block.load_state_dict(new.state_dict())
+
+
+def build_classifier(args, num_classes):
+    """The ViT or Hiera to train. linprobe: the head is BatchNorm1d(affine=False) + Linear and
+    nothing else trains (FAIR MAE). Fine-tuning trains the ViT's position embedding too, as
+    FAIR's fine-tuning (where it is an ordinary timm parameter)."""
+    if args.model in HIERA_CONFIGS:  # mean-pooled, no cls token, no relative positions
+        model = build_model(args.model, img_size=args.img_size, num_classes=num_classes,
+                            drop_path_rate=args.drop_path)
+    else:
+        model = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                            num_classes=num_classes, global_pool=args.global_pool,
+                            drop_path_rate=args.drop_path, rel_pos=args.rel_pos)
+    if args.recipe == "linprobe":
+        model.head = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
+                                   nn.Linear(model.num_features, num_classes))
+    return model
+
+
+def init_head(model, linprobe, std):
+    """Trunc-normal head weights of the recipe's std (timm / MAE-Lite 0.02, FAIR MAE 2e-5,
+    linear probing 0.01), zero bias."""
+    linear = model.head[1] if linprobe else getattr(model.head, "projection", model.head)
+    nn.init.trunc_normal_(linear.weight, std=std)
+    nn.init.zeros_(linear.bias)
+
+
+def init_like_timm(model):
+    """timm's ViT initialisation, which the papers' from-scratch baselines get (MAE-Lite and
+    FAIR fine-tune timm's VisionTransformer): trunc-normal std 0.02 for every Linear (the head
+    included), for cls_token and for pos_embed (a learned, random position embedding), zero
+    biases, LayerNorm 1 / 0, PyTorch's default init for the patch-embedding conv."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    model.patch_embed.proj.reset_parameters()
+    nn.init.trunc_normal_(model.cls_token, std=0.02)
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+
+
+def freeze_backbone(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("head."))
+
+
+def prepare_model(args, num_classes, device):
+    """Build, load --init (report printed), re-initialise the head and the dropped blocks."""
+    model = build_classifier(args, num_classes)
+    linprobe = args.recipe == "linprobe"
+    if args.fresh_init == "timm" and args.model not in HIERA_CONFIGS:
+        init_like_timm(model)  # timm's ViT, as the papers' code; --init overwrites the backbone
+    if args.init:
+        fresh = copy.deepcopy(model) if args.keep_blocks is not None else None
+        load_pretrained(model, args.init, verbose=plumbing.is_main_process(),
+                        trust=args.trust_checkpoint)
+        if fresh is not None:
+            reinit_blocks(model, fresh, args.keep_blocks)
+            plumbing.print0(f"kept blocks 1..{args.keep_blocks}, re-initialised "
+                            f"{args.keep_blocks + 1}..{model.depth}")
+    if not (args.eval or args.export or args.resume) and args.head_init_std is not None:
+        init_head(model, linprobe, args.head_init_std)
+    if linprobe:
+        freeze_backbone(model)
+    else:
+        model.pos_embed.requires_grad_(True)  # the ViT's is fixed in pre-training
+    return model.to(device)
+
+
+def export(args):
+    """--init in timm's hub layout: DIR/model.safetensors (timm's VisionTransformer keys) and
+    DIR/config.json (architecture, num_classes, model_args with the head count, pretrained_cfg).
+    timm.create_model('local-dir:DIR', pretrained=True) builds and loads it (timm >= 1.0.16), as
+    does finetune.py --init DIR/model.safetensors (config.json gives the architecture)."""
+    if args.model in HIERA_CONFIGS:
+        raise CheckpointError("--export writes timm's VisionTransformer; a Hiera checkpoint "
+                              "already has the official Hiera keys (timm's hiera "
+                              "checkpoint_filter_fn converts them)")
+    if (os.path.exists(args.export) and not os.path.isdir(args.export)) or \
+            args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        raise CheckpointError(f"--export {args.export} names a file: give a folder (it will "
+                              "hold model.safetensors and config.json)")
+    try:  # the destination first: a bad one is named even without the package
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("--export writes model.safetensors, which needs the safetensors "
+                              "package: pip install safetensors") from None
+    model = prepare_model(args, checkpoint_num_classes(args.init, args.trust_checkpoint),
+                          torch.device("cpu"))
+    if args.rel_pos or args.recipe == "linprobe":
+        raise CheckpointError("timm's VisionTransformer has no relative position bias nor "
+                              "BatchNorm head: export a fine-tuned model without --rel-pos")
+    os.makedirs(args.export, exist_ok=True)
+    weights = os.path.join(args.export, "model.safetensors")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    config = os.path.join(args.export, "config.json")
+    with open(config + ".tmp", "w") as f:
+        json.dump(hub_config(args, model), f, indent=2)
+    os.replace(config + ".tmp", config)
+    print(f"wrote {weights} and {config}; load them with timm.create_model('local-dir:"
+          f"{args.export}', pretrained=True) or finetune.py --init {weights}")
+
+
+def hub_config(args, model):
+    """timm's config.json for a ViT (timm/models/_hub.py save_config_for_hf): the architecture
+    named by size, the actual shape in model_args (which override the name's defaults, so the
+    papers' 12-head ViT-Tiny stays 12-head), and the evaluation transform in pretrained_cfg."""
+    size = args.model.split("_")[1]  # tiny, small, base, large
+    h, w = model.img_size
+    model_args = dict(img_size=[h, w], patch_size=model.patch_size, embed_dim=model.embed_dim,
+                      depth=model.depth, num_heads=model.num_heads, num_classes=model.num_classes,
+                      global_pool=model.global_pool)
+    return {"architecture": f"vit_{size}_patch16_224", "num_classes": model.num_classes,
+            "num_features": model.num_features, "global_pool": model.global_pool,
+            "model_args": model_args,
+            "pretrained_cfg": {"tag": "nanomim", "custom_load": False, "input_size": [3, h, w],
+                               "fixed_input_size": True, "interpolation": "bicubic",
+                               "crop_pct": 224 / 256, "crop_mode": "center",
+                               "mean": list(augment.IMAGENET_MEAN),
+                               "std": list(augment.IMAGENET_STD),
+                               "num_classes": model.num_classes, "pool_size": None,
+                               "first_conv": "patch_embed.proj", "classifier": "head"}}
+
+
+def checkpoint_num_classes(path, trust=False):
+    head = {k: v for k, v in read_state_dict(path, trust).items()
+            if k in ("head.weight", "head.1.weight", "head.projection.weight")}
+    if not head:
+        raise CheckpointError(f"{path} has no classifier head (a pre-training checkpoint?): "
+                              "--eval and --export need a fine-tuned one; fine-tune it first")
+    return next(iter(head.values())).shape[0]
