@@ -89,7 +89,8 @@ class MinibatchCKA:
         n = feats_a[0].shape[0]
         if n < 4:  # HSIC_1 is undefined below 4 examples
             self.dropped += 1
-            plumbing.print0(f"note: dropped a batch of {n} images (CKA needs at least 4)", file=sys.stderr)
+            plumbing.print0(f"note: dropped a batch of {n} images (CKA needs at least 4)",
+                            file=sys.stderr)
             return
         grams_a = [gram_linear(f).cpu() for f in feats_a]
         grams_b = [gram_linear(f).cpu() for f in feats_b]
@@ -242,7 +243,8 @@ def draw_boxplots(values, labels, metric, path, blocks=None):
     draw.line([left, top, left, top + plot_h, width - 30, top + plot_h], fill="black")
     for layer in range(layers):
         x0 = left + layer * group + 7
-        text_centered(draw, (x0 + group / 2 - 7, top + plot_h + 12), str(blocks[layer] if blocks else layer + 1), small)
+        name = str(blocks[layer] if blocks else layer + 1)
+        text_centered(draw, (x0 + group / 2 - 7, top + plot_h + 12), name, small)
         for m, label in enumerate(labels):
             if layer >= len(values[label]):
                 continue
@@ -275,7 +277,8 @@ def draw_boxplots(values, labels, metric, path, blocks=None):
 
 def analysis_loader(args):
     """The first --num-images validation images, centre-cropped, in a fixed order."""
-    dataset = data.build_dataset(args.data, args.data_root, "val", augment.eval_transform(args.img_size),
+    dataset = data.build_dataset(args.data, args.data_root, "val",
+                                 augment.eval_transform(args.img_size),
                                  synthetic_size=4 * args.num_images, img_size=args.img_size)
     subset = torch.utils.data.Subset(dataset, range(min(args.num_images, len(dataset))))
     return data.make_loader(subset, args.batch_size, epoch=0, seed=0, num_workers=0,
@@ -287,7 +290,8 @@ def run_cka(args, device):
     model_a = load_model(args.a, args.model_a, args.img_size, args.patch_size,
                          trust=args.trust_checkpoint, flag="--model-a").to(device)
     if args.random_init:
-        name_b = args.names[1] if args.names and len(args.names) > 1 else f"random {args.random_init}"
+        name_b = args.names[1] if args.names and len(args.names) > 1 \
+            else f"random {args.random_init}"
         model_b = load_model(None, args.random_init, args.img_size, args.patch_size).to(device)
     elif args.b:
         name_b = args.names[1] if args.names and len(args.names) > 1 else os.path.basename(args.b)
@@ -339,8 +343,9 @@ def run_attn(args, device):
                              "Hiera's pooled grids have other strides: use pixels")
         if hasattr(vit, "stage_ends"):
             kept = global_blocks(vit)
-            plumbing.print0(f"{label}: Hiera global-attention blocks {kept} analysed; mask-unit and "
-                  f"pooling blocks {[b for b in range(1, vit.depth + 1) if b not in kept]} skipped")
+            skipped = [b for b in range(1, vit.depth + 1) if b not in kept]
+            plumbing.print0(f"{label}: Hiera global-attention blocks {kept} analysed; mask-unit "
+                            f"and pooling blocks {skipped} skipped")
         sums = {}
         count = 0
         for imgs, _ in analysis_loader(args):
@@ -359,7 +364,8 @@ def run_attn(args, device):
                   indent=1)
     unit_name = {"pixels": "pixels", "paper": "grid x 14, the papers' units"}[args.distance_unit]
     draw_boxplots({k: v[distance_key] for k, v in result.items()}, labels,
-                  f"attention distance ({unit_name})", os.path.join(args.out_dir, "attn_distance.png"),
+                  f"attention distance ({unit_name})",
+                  os.path.join(args.out_dir, "attn_distance.png"),
                   result[labels[0]]["blocks"])
     draw_boxplots({k: v["entropy_nats"] for k, v in result.items()}, labels,
                   "attention entropy (nats)", os.path.join(args.out_dir, "attn_entropy.png"),

@@ -125,7 +125,7 @@ def rand_op(img, name, level, sign=1.0, resample=Image.BICUBIC, fill=MEAN_PIXEL)
         return TF.invert(img)
     if name == "Rotate":  # about the centre, up to 30 degrees
         return TF.rotate(img, sign * m * 30, resample, fill=fill)  # Pillow's constant is accepted
-    if name == "PosterizeIncreasing":  # keep 4 .. 0 bits; 0 bits is black, as the Pillow of the papers did
+    if name == "PosterizeIncreasing":  # keep 4 .. 0 bits; 0 bits is black (the papers' Pillow)
         bits = 4 - int(m * 4)
         return TF.posterize(img, bits) if bits > 0 else Image.new(img.mode, img.size)
     if name == "SolarizeIncreasing":  # invert pixels >= 256 .. 0
@@ -169,8 +169,8 @@ class RandAugment:
 
 
 def train_transform(args):
-    """RandomResizedCrop (min_crop_scale-1, bicubic) + flip, then RandAugment or colour jitter, normalise,
-    random erasing (timm's per-pixel noise)."""
+    """RandomResizedCrop (min_crop_scale-1, bicubic) + flip, then RandAugment or colour jitter,
+    normalise, random erasing (timm's per-pixel noise)."""
     steps = [v2.RandomResizedCrop(args.img_size, scale=(args.min_crop_scale, 1.0),
                                   interpolation=InterpolationMode.BICUBIC, antialias=True),
              v2.RandomHorizontalFlip()]

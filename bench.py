@@ -104,8 +104,9 @@ def build_bench(name, args, device):
 
 def make_step(module, loss_fn, trains, images, precision, use_compile, device, mode=None):
     compiled = plumbing.maybe_compile(module, use_compile, mode)
-    # CUDA graphs (modes "reduce-overhead" and "max-autotune") replay into the same output memory: each step says
-    # where it begins, so a replay never overwrites outputs the previous step still reads
+    # CUDA graphs (modes "reduce-overhead" and "max-autotune") replay into the same output
+    # memory: each step says where it begins, so a replay never overwrites outputs the previous
+    # step still reads
     graphs = use_compile and mode in ("reduce-overhead", "max-autotune")
     begin = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
     if not trains:
@@ -237,7 +238,7 @@ def bench_models(args, device):
                                  else None))
                 print(f"  {name} compile={use_compile} {precision}: "
                       f"{rows[-1]['images_per_s']:.0f} images/s", flush=True)
-                save(args, device, rows, loader_rows=[])  # row by row: a run stopped midway keeps its rows
+                save(args, device, rows, loader_rows=[])  # row by row: a stopped run keeps them
                 if keep:
                     kept_steps[(name, use_compile, precision)] = step
         del module
@@ -294,7 +295,7 @@ def loader_stages(folder, img_size, min_scale, interpolation, count=256):
     JPEGs, in this process with one thread (the best of 3 passes)."""
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)[:count]
     geometry, to_tensor = augment.pretrain_transform(img_size, min_scale, interpolation,
-                                                  uint8=True).transforms
+                                                     uint8=True).transforms
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = {}
@@ -343,7 +344,7 @@ def bench_loaders(args, device):
             if mode == "pil":
                 dataset = data.build_dataset("imagefolder", root, "train",
                                              augment.pretrain_transform(args.img_size, min_scale,
-                                                                     interpolation, uint8=True))
+                                                                        interpolation, uint8=True))
                 run_loader = data.Loader(dataset, batch, 0, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
             else:

@@ -367,7 +367,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
             report["dropped"].append(key)
             continue
         target = own[key]
-        if key == "pos_embed" and value.shape != target.shape and value.shape[-1] == target.shape[-1]:
+        if key == "pos_embed" and value.shape != target.shape \
+                and value.shape[-1] == target.shape[-1]:
             prefix = 1 if "cls_token" in own else 0
             if is_sincos(value, prefix) and target.shape[-1] % 4 == 0:  # MAE's fixed table:
                 value = sincos_pos_embed(target.shape[-1], *model.grid, prefix == 1)  # exact
@@ -396,7 +397,8 @@ def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=
         report["loaded"].append(key)
     broken = [k for k, v in to_load.items() if v.is_floating_point() and not v.isfinite().all()]
     if broken:
-        raise CheckpointError(f"{name} holds NaN or inf in {len(broken)} tensors (e.g. {broken[0]}): "
+        raise CheckpointError(f"{name} holds NaN or inf in {len(broken)} tensors (e.g. "
+                              f"{broken[0]}): "
                               "it was saved by a run that diverged or is corrupt; use an earlier "
                               "checkpoint of that run")
     report["initialised"] = sorted(k for k in own if k not in to_load)
@@ -411,8 +413,9 @@ def format_load_report(name, report):
         return ", ".join(keys) if keys else "none"
 
     extra = report.get("extra_block")
-    note = (f" ({'.'.join(extra[0].split('.')[:2])}.* is D^2-MAE's extra attention-only block, used "
-            "only in pre-training)" if extra else "")
+    block = '.'.join(extra[0].split('.')[:2]) if extra else ""
+    note = (f" ({block}.* is D^2-MAE's extra attention-only block, used only in pre-training)"
+            if extra else "")
     return (f"loaded {len(report['loaded'])} tensors from {name}; "
             f"resized: {show(report['resized'])}; dropped: {show(report['dropped'])}; "
             f"newly initialised: {show(report['initialised'])}{note}")

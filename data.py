@@ -22,8 +22,8 @@ from torchvision.transforms import v2
 from plumbing import run_seed
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-DATASETS = ("synthetic", "imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100", "flowers102",
-            "pets", "aircraft", "cars")
+DATASETS = ("synthetic", "imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100",
+            "flowers102", "pets", "aircraft", "cars")
 NUM_CLASSES = {"synthetic": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
                "flowers102": 102, "pets": 37, "aircraft": 100, "cars": 196}
 

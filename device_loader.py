@@ -202,8 +202,8 @@ def device_augment(images, img_size, min_scale, interpolation="bicubic", batched
 class DeviceLoader:
     """The MAE training loader of `--loader device`: persistent workers read bytes, the main
     process decodes and augments on `device`. epoch(e, bad_images) yields (images on device,
-    labels) as a make_loader loader does; its randomness is torch's global RNG (reseeded every epoch by
-    the training loop), so a resumed run sees the same crops."""
+    labels) as a make_loader loader does; its randomness is torch's global RNG (reseeded every
+    epoch by the training loop), so a resumed run sees the same crops."""
 
     def __init__(self, root, batch_size, seed, device, img_size, min_scale=0.2, rank=0,
                  world_size=1, num_workers=4, split="train", interpolation="bicubic",

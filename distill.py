@@ -41,11 +41,11 @@ class DistillError(ValueError):
 
 def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2, trust=False):
     """A frozen teacher (eval mode, no gradients) built as `model_name` and loaded through
-    checkpoints.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours, plain state
-    dicts, Hiera files. Every encoder key and the ViT's final norm must be present with the right
-    shape. A Hiera teacher is built with the student's q_pool (its MAE files have no final norm,
-    which attention distillation does not use). A ViT teacher must fit the student's images
-    (check_teacher_fits). trust: unpickle the file in full."""
+    checkpoints.load_pretrained: FAIR MAE encoder-only or _full files, MAE-Lite files, ours,
+    plain state dicts, Hiera files. Every encoder key and the ViT's final norm must be present
+    with the right shape. A Hiera teacher is built with the student's q_pool (its MAE files have
+    no final norm, which attention distillation does not use). A ViT teacher must fit the
+    student's images (check_teacher_fits). trust: unpickle the file in full."""
     state, heads = read_checkpoint(path, trust)
     if model_name in HIERA_CONFIGS:
         teacher = build_model(model_name, img_size=img_size, num_classes=0, q_pool=q_pool)
@@ -195,8 +195,8 @@ class DistilledMAE(nn.Module):
     attention (or relations) then comes from an extra block on block L's output, else from
     inside block L (D-MAE, TinyMIM).
 
-    forward(imgs, mask_ratio) returns the student's dict (see mae_model.MAE.forward) with loss = recon
-    + weight * distill, recon_loss and distill_loss.
+    forward(imgs, mask_ratio) returns the student's dict (see mae_model.MAE.forward) with
+    loss = recon + weight * distill, recon_loss and distill_loss.
     """
 
     def __init__(self, student, teacher, student_layers, teacher_layers, target="attn",
@@ -332,15 +332,9 @@ class DistilledMAE(nn.Module):
                 if k.startswith(("head_maps.", "rep_maps.", "extra_blocks."))}
 
     def load_distill_state_dict(self, state):
-        """Load distill_state_dict(), also in the layout of checkpoints written before the
-        parts were named ("12.head_map", "12.rep_map", "12.extra.qkv.weight")."""
-        renamed = {}
-        for key, value in state.items():
-            layer, part, *rest = key.split(".")
-            if layer.isdigit():  # the earlier layout
-                group = {"head_map": "head_maps", "rep_map": "rep_maps", "extra": "extra_blocks"}
-                key = ".".join([group[part], layer, *rest])
-            renamed[key] = value
+        """Load distill_state_dict() (an earlier checkpoint's: after
+        plumbing.upgrade_checkpoint, which loop.load_checkpoint applies)."""
+        renamed = dict(state)
         expected = self.distill_state_dict().keys()
         if set(renamed) != set(expected):
             raise DistillError(f"the checkpoint's distillation parts ({', '.join(sorted(renamed))}"

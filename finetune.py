@@ -116,7 +116,7 @@ def build_optimizer(args, model, lr, device):
     decay = (lambda name: classifier.layer_decay_scale(name, model.depth, args.layer_decay)) \
         if args.layer_decay != 1.0 else None
     groups = loop.param_groups(model, args.weight_decay, decay,
-                                   no_decay_names=("cls_token", "pos_embed"))  # timm's
+                               no_decay_names=("cls_token", "pos_embed"))  # timm's
     if args.opt == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     if args.opt == "sgd":  # Nesterov, as MAE-Lite's transfer code

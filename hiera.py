@@ -188,7 +188,8 @@ class Hiera(nn.Module):
             self.head.projection.bias.data.mul_(head_init_scale)
 
     def pools_before(self, block):
-        """How many q-poolings blocks 1..block have applied (block e + 1 pools after stage end e)."""
+        """How many q-poolings blocks 1..block have applied (block e + 1 pools after stage end
+        e)."""
         return sum(1 for end in self.stage_ends[:self.q_pool] if end < block)
 
     def random_unit_mask(self, batch, mask_ratio, noise=None, device=None):
@@ -253,7 +254,8 @@ class Hiera(nn.Module):
         units = self.unit_layout(x, block)  # (B, mh * mw, u, u, C)
         B, _, u, _, C = units.shape
         mh, mw = self.mask_grid
-        return units.view(B, mh, mw, u, u, C).permute(0, 1, 3, 2, 4, 5).reshape(B, mh * u, mw * u, C)
+        x = units.view(B, mh, mw, u, u, C).permute(0, 1, 3, 2, 4, 5)  # (B, mh, u, mw, u, C)
+        return x.reshape(B, mh * u, mw * u, C)
 
     def forward_head(self, x):
         return self.head(self.norm(x.mean(dim=1)))

@@ -132,6 +132,7 @@ def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args
     if missing:
         raise RunError(f"{path} is not a nanoMIM training checkpoint (no {', '.join(missing)}); "
                        "--resume continues our own runs only")
+    ckpt = plumbing.upgrade_checkpoint(ckpt)
     changed = [a for a in same_args if ckpt["args"].get(a) != getattr(args, a)]
     if changed:
         raise RunError(f"--resume {path} was trained with different {', '.join(changed)}; pass "

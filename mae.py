@@ -181,7 +181,7 @@ def parse_args(argv=None):
             found.append(dict(teacher_model=weights.WEIGHTS[given.teacher]["model"]))
         if given.data == "synthetic":
             found.append(dict(DEMO_DEFAULTS, **({"img_size": 64} if model in HIERA_CONFIGS
-                                                 else {})))
+                                                else {})))
         return found + [source]
 
     args, given = plumbing.parse_layered(parser, argv, "mae.py", layers)
@@ -463,7 +463,6 @@ def warm_start(student, path, trust=False):
 # written before nanoMIM followed it exempted tokens and position embeddings; their
 # checkpoints lack "no_decay_names" and resume with that rule, so the optimizer state fits.
 NO_DECAY = ()
-LEGACY_NO_DECAY = ("token", "pos_embed")
 
 
 def checkpoint_state(module, student, optimizer, scaler, epoch, step, args, bad_images,
@@ -518,7 +517,7 @@ def train(args):
                                                            lr=args.lr)
     ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume \
         else None
-    no_decay = NO_DECAY if ckpt is None else tuple(ckpt.get("no_decay_names", LEGACY_NO_DECAY))
+    no_decay = NO_DECAY if ckpt is None else tuple(ckpt["no_decay_names"])
     optimizer = torch.optim.AdamW(
         loop.param_groups(module, args.weight_decay, no_decay_names=no_decay), lr=lr,
         betas=(0.9, 0.95), fused=device.type == "cuda")

@@ -82,7 +82,7 @@ class MAE(ViT):
         init_mae_weights(nn.ModuleList([self.decoder_embed, self.decoder_blocks,
                                         self.decoder_norm, self.decoder_pred]))
         nn.init.normal_(self.mask_token, std=0.02)
-        # what viewers.reconstruction_figure needs: predicted patches and the masking noise per image
+        # what viewers.reconstruction_figure needs: predicted patches, masking noise per image
         self.recon_patch = patch_size
         self.recon_grid = self.grid
         self.mask_slots = num_patches

@@ -359,6 +359,30 @@ def upgrade_args(stored):
     return stored
 
 
+# The no-decay names of MAE runs from before the optimizer's groups were recorded with them.
+LEGACY_NO_DECAY = ("token", "pos_embed")
+# The distillation parts' names before they were grouped ("12.head_map" is now head_maps.12).
+LEGACY_DISTILL_PARTS = {"head_map": "head_maps", "rep_map": "rep_maps", "extra": "extra_blocks"}
+
+
+def upgrade_checkpoint(ckpt):
+    """A training checkpoint written by an earlier nanoMIM, in this one's layout (every rule of
+    compatibility is here): its args (upgrade_args); an MAE run's no-decay names, recorded since
+    its tokens are decayed; the distillation parts under their group names."""
+    ckpt = dict(ckpt, args=upgrade_args(ckpt["args"]))
+    if "mask_ratio" in ckpt["args"] and "no_decay_names" not in ckpt:  # mae.py's, older
+        ckpt["no_decay_names"] = list(LEGACY_NO_DECAY)
+    if "distill" in ckpt:
+        renamed = {}
+        for key, value in ckpt["distill"].items():
+            layer, part, *rest = key.split(".")
+            if layer.isdigit():  # the earlier layout: "12.head_map" -> "head_maps.12"
+                key = ".".join([LEGACY_DISTILL_PARTS[part], layer, *rest])
+            renamed[key] = value
+        ckpt["distill"] = renamed
+    return ckpt
+
+
 def resumed_defaults(path, names, never=("resume", "out_dir", "init", "export", "eval")):
     """--resume continues a run: the defaults of the flags `names` become the values the
     checkpoint's run used (upgrade_args), so that a change of nanoMIM's defaults never changes

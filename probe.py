@@ -183,7 +183,7 @@ def run_probe(args, device):
             result["linear"][seed] = [linear_accuracy(train_feats[i][rows], train_labels[rows],
                                                       test_feats[i], test_labels) for i in layers]
         print0(f"subset {seed}: kNN last layer {result['knn'][seed][-1]:.2f}" +
-                        (f", linear {result['linear'][seed][-1]:.2f}" if args.linear else ""))
+               (f", linear {result['linear'][seed][-1]:.2f}" if args.linear else ""))
     if model is not None and not hasattr(model, "stage_ends"):
         imgs = torch.stack([data.build_dataset(args.data, args.data_root, "val",
                                                augment.eval_transform(args.img_size))[i][0]
@@ -282,7 +282,7 @@ def knn_monitor(args):
     if args.knn_every == 0:
         return None
     return KnnMonitor(args.data, args.data_root, args.img_size, args.knn_images,
-                              synthetic_size=args.synthetic_size)
+                      synthetic_size=args.synthetic_size)
 
 
 def monitor_epoch(monitor, args, epoch, encoder, device, log, step):

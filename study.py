@@ -23,7 +23,8 @@ printed and recorded), and writes into <out>/<stage>/:
      two seeds with many; evaluated once on the test images after the last epoch;
   6. CKA against the supervised ViT-Tiny and the teacher, attention distance and entropy.
 Then <out>/results.json and results.md (study_report.py: paired statistics, the regime check
-against the pixel baseline, the verdicts) and figures. No setting is chosen by looking at test accuracy.
+against the pixel baseline, the verdicts) and figures. No setting is chosen by looking at test
+accuracy.
 
 A stage whose stage.json exists is skipped when it ran with the command it has now and reads
 nothing redone in this call (--fresh redoes everything); any other is deleted and redone, so
@@ -59,8 +60,9 @@ FT_RECIPE = ["--rand-aug", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0"
 LAYER_DECAY = {"scratch": "1.0", "pretrained": "0.75"}
 PRESETS = {
     # The CI test: every stage and output on a few hundred images; the numbers mean nothing.
-    "smoke": dict(precision="fp32", workers=0, heldout=200, pretrain_images=256, teacher="vit_small",
-                  teacher_epochs=2, epochs=1, batch=64, lr=1.5e-3, relation=True,
+    "smoke": dict(precision="fp32", workers=0, heldout=200, pretrain_images=256,
+                  teacher="vit_small", teacher_epochs=2, epochs=1, batch=64, lr=1.5e-3,
+                  relation=True,
                   few_per_class=4, few_subsets=2, few_epochs=1, few_batch=8,
                   many_per_class=8, many_seeds=(0, 1), many_epochs=1, many_batch=16,
                   val_blrs=(1e-3, 2e-3), test_images=100, probe_per_class=8, probe_subsets=2,
@@ -100,7 +102,7 @@ def write_idx(path, array):
     """An uncompressed IDX file of a uint8 array (Fashion-MNIST's own format)."""
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
-                                                                      *array.shape))
+                                                                        *array.shape))
         f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
     os.replace(path + ".tmp", path)
 

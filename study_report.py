@@ -275,7 +275,8 @@ def write_outputs(results, p, preset, root, version, gate, models, blrs):
                   "| --- | --- | --- |"]
         for name, values in rows:
             m, se = mean_se(values)
-            lines.append(f"| {name} | {m:.2f} ± {se:.2f} | {', '.join(f'{v:.1f}' for v in values)} |")
+            each = ", ".join(f"{v:.1f}" for v in values)
+            lines.append(f"| {name} | {m:.2f} ± {se:.2f} | {each} |")
         lines.append("")
     lines += [f"Fine-tuning lr chosen on the held-out split: scratch blr {blrs['scratch']:g}, "
               f"pre-trained blr {blrs['pretrained']:g} (candidates "

@@ -52,7 +52,7 @@ def objective(name):
     noise = torch.rand(8, 64, device=CUDA)  # the same mask in every precision
     if name == "hiera_mae":
         model = hiera_mae.HieraMAE(embed_dim=32, num_heads=2, stages=(1, 1, 2, 1), img_size=64,
-                             decoder_dim=32, decoder_heads=2)
+                                   decoder_dim=32, decoder_heads=2)
         imgs, noise = torch.randn(8, 3, 64, 64, device=CUDA), torch.rand(8, 4, device=CUDA)
         return model.to(CUDA), lambda m: m(imgs, 0.5, noise)["loss"]
     if name == "finetune":
@@ -150,7 +150,7 @@ def test_device_loader_on_cuda_gives_the_cpu_crops_and_skips_a_truncated_jpeg(tm
     batches = {}
     for device in (torch.device("cpu"), CUDA):
         loader = device_loader.DeviceLoader(str(root), 13, seed=0, device=device, img_size=32,
-                                   num_workers=0, interpolation="random")
+                                            num_workers=0, interpolation="random")
         torch.manual_seed(0)  # the crops come from the global RNG, as in the training loop
         bad = data.BadImages()
         batches[device.type] = [imgs for imgs, _ in loader.epoch(0, bad)]

@@ -211,7 +211,7 @@ def test_device_loader_matches_the_classic_path(tmp_path, capsys):
     classic = data.build_dataset("imagefolder", str(tmp_path), "train",
                                  augment.pretrain_transform(16))
     fast = device_loader.DeviceLoader(str(tmp_path), 4, seed=3, device=torch.device("cpu"), img_size=16,
-                             num_workers=1)
+                                      num_workers=1)
     assert len(fast) == len(classic) == 12
     lo = (0 - max(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD)
     hi = (1 - min(augment.IMAGENET_MEAN)) / min(augment.IMAGENET_STD)
@@ -221,7 +221,7 @@ def test_device_loader_matches_the_classic_path(tmp_path, capsys):
         b = list(fast.epoch(epoch, bad_b))
         assert [len(y) for _, y in a] == [len(y) for _, y in b]  # the broken file, same batch
         assert bad_a.state_dict() == bad_b.state_dict() == {"skipped_images": 1,
-                                                             "seen_images": 12}
+                                                            "seen_images": 12}
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(ya, yb)  # same images in the same order
             assert xa.shape == xb.shape and xa.dtype == xb.dtype == torch.float32

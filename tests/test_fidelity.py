@@ -18,6 +18,7 @@ import finetune
 import loop
 import mae
 import mae_model
+import plumbing
 from checkpoints import CheckpointError, load_pretrained
 from model import ViT, attention_logits
 from test_distill import STUDENT, TEACHER, make
@@ -476,7 +477,7 @@ def test_a_checkpoint_from_before_the_fidelity_defaults_resumes(tmp_path, capsys
     module, _ = mae.build_training_module(args, torch.device("cpu"))
     module.load_state_dict(ckpt["model"])
     old = torch.optim.AdamW(loop.param_groups(module, 0.05,
-                                                  no_decay_names=mae.LEGACY_NO_DECAY))
+                                              no_decay_names=plumbing.LEGACY_NO_DECAY))
     module(torch.randn(2, 3, 16, 16), 0.75)["loss"].backward()
     old.step()  # an optimizer state in the earlier grouping (tokens not decayed)
     ckpt["optimizer"] = old.state_dict()
@@ -487,7 +488,7 @@ def test_a_checkpoint_from_before_the_fidelity_defaults_resumes(tmp_path, capsys
     resumed = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
     assert resumed["args"]["crop_interpolation"] == "bicubic"
     assert resumed["args"]["min_crop_scale"] == 0.2 and resumed["epoch"] == 1
-    assert resumed["no_decay_names"] == list(mae.LEGACY_NO_DECAY)
+    assert resumed["no_decay_names"] == list(plumbing.LEGACY_NO_DECAY)
 
 
 @pytest.mark.parametrize("script, flags, message", [

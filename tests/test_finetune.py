@@ -38,8 +38,8 @@ def test_layer_decay_groups_by_hand():
                 global_pool="avg")
     model.pos_embed.requires_grad_(True)  # trained when fine-tuning, as FAIR's
     groups = loop.param_groups(model, 0.05,
-                                   lambda n: classifier.layer_decay_scale(n, model.depth, 0.5),
-                                   no_decay_names=("cls_token", "pos_embed"))
+                               lambda n: classifier.layer_decay_scale(n, model.depth, 0.5),
+                               no_decay_names=("cls_token", "pos_embed"))
     seen = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     # depth 3, decay 0.5: scale = 0.5 ** (4 - layer); stem layer 0, block i layer i + 1, rest 4
     by_hand = {"cls_token": (0.0625, 0.0), "pos_embed": (0.0625, 0.0),

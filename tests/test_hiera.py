@@ -132,7 +132,7 @@ def test_timm_oracle_logits_and_stage_outputs(q_pool):
 def test_sparse_mae_reduces_the_loss_and_loads_into_the_classifier():
     torch.manual_seed(0)
     model = hiera_mae.HieraMAE(embed_dim=8, num_heads=1, stages=(1, 1, 2, 1), img_size=64,
-                         decoder_dim=16, decoder_heads=2)
+                               decoder_dim=16, decoder_heads=2)
     imgs = torch.randn(4, 3, 64, 64)
     noise = torch.rand(4, 4)
     out = model(imgs, 0.5, noise)
@@ -236,7 +236,7 @@ def test_decoder_places_the_kept_units_as_boolean_indexing_and_compiles_whole():
     # oracle is the plain boolean assignment it replaced
     torch.manual_seed(0)
     model = hiera_mae.HieraMAE(embed_dim=8, num_heads=1, stages=(1, 1, 2, 1), img_size=64,
-                         decoder_dim=16, decoder_heads=2)
+                               decoder_dim=16, decoder_heads=2)
     latent, keep, _, _ = model.forward_encoder(torch.randn(3, 3, 64, 64), 0.5)
     x = model.decoder_embed(latent)  # (B, K, u, u, Dd)
     B, u, Dd = keep.shape[0], model.unit_final, x.shape[-1]

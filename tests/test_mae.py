@@ -202,7 +202,7 @@ def test_compiled_step_matches_eager():
     import plumbing
     torch.manual_seed(0)
     model = mae_model.MAE(embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4, decoder_dim=16,
-                    decoder_depth=1, decoder_heads=2)
+                          decoder_depth=1, decoder_heads=2)
     imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
     eager = model(imgs, 0.75, noise)["loss"]
     eager.backward()

@@ -165,13 +165,13 @@ def test_knn_accuracy_by_hand():
     assert probe.knn_accuracy(train, labels, test, torch.tensor([1]), k=3) == 100.0
     # k = 1 with a far test point of class 0: its nearest neighbour is class 0
     assert probe.knn_accuracy(train, labels, torch.tensor([[-0.9, -0.1]]), torch.tensor([0]),
-                                k=1) == 100.0
+                              k=1) == 100.0
     # the weights matter: k = 3, T large (votes nearly equal) vs T small
     test = torch.tensor([[1.0, 0.05]])  # cos ~ 1.0, 0.83, 0.05, -1.0: top 3 = 0, 1, 1
     assert probe.knn_accuracy(train, labels, test, torch.tensor([1]), k=3, temperature=100) \
         == 100.0  # two votes of ~1 beat one
     assert probe.knn_accuracy(train, labels, test, torch.tensor([0]), k=3,
-                                temperature=0.01) == 100.0  # exp(100) beats exp(83) + exp(5)
+                              temperature=0.01) == 100.0  # exp(100) beats exp(83) + exp(5)
 
 
 def test_probes_on_separable_features_score_near_100():

@@ -39,7 +39,7 @@ def micro(monkeypatch):
 def micro_mae(norm_pix_loss=True, seed=0):
     torch.manual_seed(seed)
     return checkpoints.build_mae("vit_micro", img_size=IMG, patch_size=PATCH, decoder_dim=32,
-                         decoder_depth=2, decoder_heads=2, norm_pix_loss=norm_pix_loss)
+                                 decoder_depth=2, decoder_heads=2, norm_pix_loss=norm_pix_loss)
 
 
 def save_ours(path, mae_model, mask_ratio=0.75):

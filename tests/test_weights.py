@@ -216,7 +216,7 @@ def test_a_published_init_names_its_architecture(published, tmp_path):
 
 
 def test_distill_layer_on_real_data_takes_the_papers_teacher_by_name(tmp_path, monkeypatch,
-                                                                       capsys):
+                                                                     capsys):
     """Real data at 224 px, patch 16, no --teacher: mae_vit_base, said in the first lines."""
     source = tmp_path / "mae_pretrain_vit_base.pth"
     source.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: only the download is tested
