@@ -563,7 +563,8 @@ def train(args):
                 losses.write(step, epoch, optimizer, bar, bad_images)
         loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         if is_main:
-            knn = probe.monitor_epoch(monitor, args, epoch, student, device, log, step)
+            knn = probe.monitor_epoch(monitor, args, epoch, student, device, precision, log,
+                                       step)
             state = checkpoint_state(module, student, optimizer, scaler, epoch, step, args,
                                      bad_images, no_decay)
             loop.save_epoch(state, args.out_dir, epoch, args.save_every,

@@ -272,7 +272,8 @@ def train(args):
                              momentum=momentum_at(step, total_steps, args.momentum))
         loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         if is_main:
-            knn = probe.monitor_epoch(monitor, args, epoch, moco.encoder, device, log, step)
+            knn = probe.monitor_epoch(monitor, args, epoch, moco.encoder, device, precision,
+                                       log, step)
             state = {"model": moco.encoder.state_dict(), "moco": moco.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "step": step, "args": vars(args), **bad_images.state_dict()}

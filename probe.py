@@ -12,6 +12,7 @@ import torch
 
 import augment
 import data
+import plumbing
 from checkpoints import load_model
 from plumbing import print0
 
@@ -235,24 +236,26 @@ class KnnMonitor:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def features(self, encoder, dataset, device):
+    def features(self, encoder, dataset, device, precision="fp32"):
         feats, labels = [], []
         for imgs, y in data.make_loader(dataset, self.batch_size, epoch=0, seed=0, num_workers=0,
                                         shuffle=False, drop_last=False):
-            tokens = encoder.forward_features(imgs.to(device))[0]
+            with plumbing.autocast(device, precision):  # the run's precision: its cost
+                tokens = encoder.forward_features(imgs.to(device))[0]
             # a Hiera MAE has no head nor final norm (its decoder reads fused stages): the mean
             pooled = encoder.forward_head(tokens) if hasattr(encoder, "head") else tokens.mean(1)
             feats.append(pooled.float().cpu())
             labels.append(y)
         return torch.cat(feats), torch.cat(labels)
 
-    def __call__(self, encoder, device):
-        """kNN top-1 (%) of `encoder` now; its train / eval mode is restored."""
+    def __call__(self, encoder, device, precision="fp32"):
+        """kNN top-1 (%) of `encoder` now, its forward in `precision` (plumbing.autocast); its
+        train / eval mode is restored."""
         was_training = encoder.training
         encoder.eval()
         try:
-            train = self.features(encoder, self.train, device)
-            val = self.features(encoder, self.val, device)
+            train = self.features(encoder, self.train, device, precision)
+            val = self.features(encoder, self.val, device, precision)
         finally:
             encoder.train(was_training)
         return knn_accuracy(*train, *val)
@@ -285,13 +288,14 @@ def knn_monitor(args):
                       synthetic_size=args.synthetic_size)
 
 
-def monitor_epoch(monitor, args, epoch, encoder, device, log, step):
-    """The kNN monitor at the end of epoch `epoch` (0-indexed) when it is due: its top-1 and
-    seconds go to the log; returns the text for the epoch line ('' when not run)."""
+def monitor_epoch(monitor, args, epoch, encoder, device, precision, log, step):
+    """The kNN monitor at the end of epoch `epoch` (0-indexed) when it is due, in the run's
+    precision: its top-1 and seconds go to the log; returns the text for the epoch line ('' when
+    not run)."""
     if monitor is None or (epoch + 1) % args.knn_every:
         return ""
     start = time.time()
-    top1 = monitor(encoder, device)
+    top1 = monitor(encoder, device, precision)
     seconds = time.time() - start
     log.write(step=step, epoch=epoch + 1, knn_top1=top1, knn_seconds=seconds)
     return f", kNN top-1 {top1:.2f} ({seconds:.1f} s)"
