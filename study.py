@@ -1,7 +1,7 @@
 """study.py: the papers' study in miniature, on real images, in one command (study v2).
 
     python study.py --preset smoke   # every stage on a handful of images (the CI test)
-    python study.py --preset cpu     # the 2-core study, about 2 hours, teacher included
+    python study.py --preset cpu     # the 2-core study, about 2.5 hours (measured), teacher included
     python study.py --preset gpu     # one H100/H200, one command of at most ~9 minutes
 
 Fashion-MNIST (apt-get install dataset-fashion-mnist, or its four .gz files in --data-root) at
@@ -383,7 +383,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="The papers' study in miniature on Fashion-MNIST.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                   help="smoke: CI-sized; cpu: the 2-core study (~2 h); gpu: one H100 (~9 min)")
+                   help="smoke: CI-sized; cpu: the 2-core study (~2.5 h); gpu: one H100 (~9 min)")
     p.add_argument("--data-root", default=None,
                    help="folder of Fashion-MNIST's IDX files (none: the Debian package's, "
                         f"{data.FASHION_MNIST_DIR})")
