@@ -48,7 +48,7 @@ import distill
 import finetune
 import loop
 import plumbing
-from checkpoints import build_mae, build_model
+from presets import build_mae, build_model
 
 BENCHES = ("mae", "mae_distill", "finetune", "infer", "mae_timm", "mae_timm_nofused")
 

@@ -2,8 +2,7 @@
 
 Ours, FAIR MAE (training files and _full / visualize files), MAE-Lite, DeiT, TinyMIM, timm's
 hub (.safetensors + config.json), official Hiera, and DDP / torch.compile wrappers. Here too:
-the architecture and head-count detection of a file, building any preset by name (ViT or
-Hiera, encoder or MAE).
+the architecture and head-count detection of a file.
 """
 import argparse
 import json
@@ -15,34 +14,10 @@ import re
 import torch
 import torch.nn.functional as F
 
-import model as vit_models
-from hiera import HIERA_CONFIGS, build_hiera
-from hiera_mae import HieraMAE
-from mae_model import MAE
-from model import PRESETS, VIT_CONFIGS, sincos_pos_embed
+from hiera import HIERA_CONFIGS
+from model import VIT_CONFIGS, sincos_pos_embed
 from plumbing import print0
-
-
-def build_model(name, **kwargs):
-    """A preset by name: a ViT (model.py) or a Hiera (hiera.py; it takes img_size,
-    num_classes, drop_path_rate, q_pool, mask_unit_size)."""
-    if name in HIERA_CONFIGS:
-        return build_hiera(name, **kwargs)
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}: choose one of "
-                         f"{', '.join(list(PRESETS) + list(HIERA_CONFIGS))}")
-    return vit_models.build_model(name, **kwargs)
-
-
-def build_mae(name, **kwargs):
-    """A ViT MAE or a Hiera sparse MAE by preset name (Hiera ignores patch_size/recon_layer)."""
-    if name in HIERA_CONFIGS:
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("patch_size", "recon_layer")}
-        return HieraMAE(**HIERA_CONFIGS[name], **kwargs)
-    if name not in VIT_CONFIGS:
-        raise ValueError(f"unknown model {name!r}: choose one of "
-                         f"{', '.join(list(VIT_CONFIGS) + list(HIERA_CONFIGS))}")
-    return MAE(**VIT_CONFIGS[name], **kwargs)
+from presets import build_model, model_names
 
 
 class CheckpointError(ValueError):
@@ -456,7 +431,7 @@ def preset_of(state, heads=None):
 def choose_model(path, state, heads, run_args, flag):
     """The architecture of a file: the run's --model (our args), else the --model flag, else the
     preset of its widths and depth. Raises CheckpointError naming the fix."""
-    known = list(VIT_CONFIGS) + list(HIERA_CONFIGS)
+    known = model_names()
     name = run_args.get("model") if run_args.get("model") in known else None
     if name and flag and flag != name:
         print0(f"note: {path} was trained as --model {name}; --model {flag} is ignored")
@@ -497,10 +472,8 @@ def load_model(path, model_name, img_size, patch_size, seed=0, trust=False, chec
     pool = "avg" if state is not None and "fc_norm.weight" in state and "norm.weight" not in state \
         else "token"
     torch.manual_seed(seed)
-    if model_name.startswith("hiera"):
-        vit = build_model(model_name, img_size=img_size, num_classes=0)
-    else:
-        vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool)
+    vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool,
+                      num_classes=0)
     if state is not None:
         try:
             report = load_pretrained(vit, state, verbose=False, heads=heads, flag=flag)

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 import augment
 import plumbing
-from checkpoints import CheckpointError, build_model, load_pretrained, read_state_dict
-from hiera import HIERA_CONFIGS
+from checkpoints import CheckpointError, load_pretrained, read_state_dict
+from presets import build_model, preset_facts
 
 
 def layer_id(name, depth):
@@ -41,13 +41,9 @@ def build_classifier(args, num_classes):
     """The ViT or Hiera to train. linprobe: the head is BatchNorm1d(affine=False) + Linear and
     nothing else trains (FAIR MAE). Fine-tuning trains the ViT's position embedding too, as
     FAIR's fine-tuning (where it is an ordinary timm parameter)."""
-    if args.model in HIERA_CONFIGS:  # mean-pooled, no cls token, no relative positions
-        model = build_model(args.model, img_size=args.img_size, num_classes=num_classes,
-                            drop_path_rate=args.drop_path)
-    else:
-        model = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                            num_classes=num_classes, global_pool=args.global_pool,
-                            drop_path_rate=args.drop_path, rel_pos=args.rel_pos)
+    model = build_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                        num_classes=num_classes, global_pool=args.global_pool,
+                        drop_path_rate=args.drop_path, rel_pos=args.rel_pos)  # Hiera: mean-pooled
     if args.recipe == "linprobe":
         model.head = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6),
                                    nn.Linear(model.num_features, num_classes))
@@ -88,7 +84,7 @@ def prepare_model(args, num_classes, device):
     """Build, load --init (report printed), re-initialise the head and the dropped blocks."""
     model = build_classifier(args, num_classes)
     linprobe = args.recipe == "linprobe"
-    if args.fresh_init == "timm" and args.model not in HIERA_CONFIGS:
+    if args.fresh_init == "timm" and preset_facts(args.model)["timm_init"]:
         init_like_timm(model)  # timm's ViT, as the papers' code; --init overwrites the backbone
     if args.init:
         fresh = copy.deepcopy(model) if args.keep_blocks is not None else None
@@ -112,7 +108,7 @@ def export(args):
     DIR/config.json (architecture, num_classes, model_args with the head count, pretrained_cfg).
     timm.create_model('local-dir:DIR', pretrained=True) builds and loads it (timm >= 1.0.16), as
     does finetune.py --init DIR/model.safetensors (config.json gives the architecture)."""
-    if args.model in HIERA_CONFIGS:
+    if not preset_facts(args.model)["timm_export"]:
         raise CheckpointError("--export writes timm's VisionTransformer; a Hiera checkpoint "
                               "already has the official Hiera keys (timm's hiera "
                               "checkpoint_filter_fn converts them)")

@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hiera import HIERA_CONFIGS, Hiera
-from checkpoints import build_model, load_pretrained, read_checkpoint
-from model import ViT, attention_logits, init_mae_weights
+from checkpoints import load_pretrained, read_checkpoint
+from presets import build_model, preset_facts
+from hiera import Hiera
+from model import attention_logits, init_mae_weights
 
 
 class DistillError(ValueError):
@@ -47,14 +48,14 @@ def load_teacher(path, model_name, img_size=224, patch_size=16, q_pool=2, trust=
     no final norm, which attention distillation does not use). A ViT teacher must fit the
     student's images (check_teacher_fits). trust: unpickle the file in full."""
     state, heads = read_checkpoint(path, trust)
-    if model_name in HIERA_CONFIGS:
-        teacher = build_model(model_name, img_size=img_size, num_classes=0, q_pool=q_pool)
-    else:
+    facts = preset_facts(model_name)
+    if facts["size_unit"] is None:  # cut into patches: they must be the student's
         check_teacher_fits(state, path, img_size, patch_size)
-        teacher = build_model(model_name, img_size=img_size, patch_size=patch_size)
+    teacher = build_model(model_name, img_size=img_size, patch_size=patch_size, q_pool=q_pool,
+                          num_classes=0)
     report = load_pretrained(teacher, state, verbose=False, heads=heads, flag="--teacher-model",
                              name=path)
-    if isinstance(teacher, Hiera):
+    if not facts["mae_has_norm"]:
         report["initialised"] = [k for k in report["initialised"] if not k.startswith("norm.")]
     if report["initialised"]:  # e.g. no final norm: the teacher would be partly random
         raise DistillError(f"teacher {path} lacks {', '.join(report['initialised'])} of "
@@ -93,15 +94,15 @@ def check_teacher_fits(state, path, img_size, patch_size):
 
 
 def default_teacher_layer(student_layer, student_depth, teacher_depth, target="attn",
-                          hiera=False):
+                          relative_depth=False):
     """The teacher block the papers' code pairs with a student block:
       attention / representations (MAE-Lite): the same block index, 12 -> 12 of ViT-B and of
         ViT-L (the papers' ViT-L rows);
       relations (TinyMIM): block 18 of a 24-block ViT-L for the last block of a 12-block
         student (TinyMIM's `intermediate=18`), else the same index (12 of ViT-B);
-      Hiera (MAE-Lite's Hiera distillation): the same relative depth, 12 of hiera_tiny_lite ->
-        24 of hiera_base, so that both blocks see the same stage-4 tokens."""
-    if hiera:
+      relative_depth (Hiera, MAE-Lite's Hiera distillation): the same relative depth, 12 of
+        hiera_tiny_lite -> 24 of hiera_base, so that both blocks see the same stage-4 tokens."""
+    if relative_depth:
         return max(1, round(student_layer * teacher_depth / student_depth))
     if target == "relation" and (student_layer, student_depth, teacher_depth) == (12, 12, 24):
         return 18
@@ -358,9 +359,6 @@ def pick_tokens(x, index, dims):
 def validate_hiera_layout(student, teacher, student_layers, teacher_layers, target):
     """A Hiera pair: the distilled blocks must see the same tokens (count and windows); checked
     with one forward pass of a blank image under a fixed keep-mask."""
-    if not isinstance(student, Hiera) or not isinstance(teacher, Hiera):
-        raise DistillError("a Hiera student needs a Hiera teacher (--teacher-model hiera_*): a "
-                           "ViT's tokens do not match Hiera's mask-unit tokens")
     if target not in ("attn", "rep"):
         raise DistillError("a Hiera student distils attention or representations "
                            "(--distill-target attn or rep), not TinyMIM relations")
@@ -385,9 +383,11 @@ def validate_hiera_layout(student, teacher, student_layers, teacher_layers, targ
 
 def validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input):
     """Every distillation flag checked against both models, with a message naming the fix."""
-    hiera = isinstance(student, Hiera) or isinstance(teacher, Hiera)
-    if not hiera and not (isinstance(student, ViT) and isinstance(teacher, ViT)):
-        raise DistillError("student and teacher must both be ViTs")
+    hiera = isinstance(student, Hiera)
+    if hiera != isinstance(teacher, Hiera):
+        raise DistillError("a Hiera student needs a Hiera teacher (--teacher-model hiera_*) and a "
+                           "ViT student a ViT teacher: a ViT's tokens do not match Hiera's "
+                           "mask-unit tokens")
     if len(student_layers) != len(teacher_layers):
         raise DistillError(f"--teacher-layer names {len(teacher_layers)} blocks but "
                            f"--distill-layer {len(student_layers)}; give one teacher block each")

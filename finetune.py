@@ -27,8 +27,8 @@ import loop
 import plumbing
 import weights
 from checkpoints import CheckpointError, read_hub_config
-from hiera import HIERA_CONFIGS
-from model import PRESETS, VIT_CONFIGS
+from presets import model_names, preset_facts
+from model import VIT_CONFIGS
 
 # The papers' recipes. Batch sizes are per process; lr = blr * (batch * accum * GPUs) / 256, so
 # the published batch (1024 for impr/mae) is e.g. --batch-size 256 on 4 GPUs or --accum-iter 4.
@@ -152,7 +152,7 @@ def get_parser():
                         "licence) and exit")
     p.add_argument("--recipe", default="impr", choices=sorted(RECIPES),
                    help="set of defaults: impr (papers), mae (FAIR), transfer, linprobe")
-    p.add_argument("--model", default="vit_tiny", choices=sorted(PRESETS) + sorted(HIERA_CONFIGS),
+    p.add_argument("--model", default="vit_tiny", choices=model_names(),
                    help="architecture (an --init checkpoint of ours: its own)")
     p.add_argument("--img-size", type=int, default=224,
                    help="input size in pixels (synthetic: 32, Hiera 64; --init of ours: its own)")
@@ -265,12 +265,12 @@ def parse_args(argv=None):
                                                       else ())  # a classifier keeps its pooling
         found.append({k: source[k] for k in arch if k in source and source[k] is not None})
         model = typed.get("model") or source.get("model") or parser.get_default("model")
-        if model in HIERA_CONFIGS:  # mean-pooled, 32-px multiples, its own head init
-            found.append(dict(global_pool="avg"))
-            if given.data == "synthetic" and "img_size" not in source:
-                found.append(dict(img_size=64))
-            if recipe != "linprobe":
-                found.append(dict(head_init_std=None))
+        facts = preset_facts(model)  # Hiera: mean-pooled, 32-px multiples, its own head init
+        found.append(dict(global_pool=facts["poolings"][0]) if len(facts["poolings"]) == 1 else {})
+        if facts["demo_img_size"] and given.data == "synthetic" and "img_size" not in source:
+            found.append(dict(img_size=facts["demo_img_size"]))
+        if not facts["draws_head"] and recipe != "linprobe":
+            found.append(dict(head_init_std=None))
         return found
 
     args, given = plumbing.parse_layered(parser, argv, "finetune.py", layers)
@@ -333,15 +333,17 @@ def validate(args, parser):
     """Each flag's range (RANGES), then the rules that tie flags together, with a message that
     names the fix."""
     plumbing.check_ranges(parser, args, RANGES)
-    hiera = args.model in HIERA_CONFIGS
-    plumbing.check_run_flags(parser, args, hiera, writes_checkpoints=not (args.eval or args.export))
+    facts = preset_facts(args.model)
+    plumbing.check_run_flags(parser, args, facts["size_unit"],
+                             writes_checkpoints=not (args.eval or args.export))
     if args.data == "folder":
         parser.error("--data folder has no labels: fine-tuning needs one sub-folder per class "
                      "(--data imagefolder)")
-    if hiera and (args.rel_pos or args.global_pool == "token"):
-        parser.error("Hiera mean-pools its tokens and has no relative position bias: drop "
+    if (args.rel_pos and not facts["rel_pos"]) or \
+            args.global_pool not in (None, *facts["poolings"]):
+        parser.error(f"{args.model} mean-pools its tokens and has no relative position bias: drop "
                      "--rel-pos / --global-pool token")
-    depth = sum(HIERA_CONFIGS[args.model]["stages"]) if hiera else VIT_CONFIGS[args.model]["depth"]
+    depth = facts["depth"]
     if args.keep_blocks is not None:
         if args.init is None and args.resume is None:
             parser.error("--keep-blocks needs --init (blocks to keep)")

@@ -20,8 +20,8 @@ import plumbing
 import probe
 import viewers
 import weights
-from checkpoints import CheckpointError, build_mae, load_pretrained
-from hiera import HIERA_CONFIGS
+from checkpoints import CheckpointError, load_pretrained
+from presets import build_mae, model_names, preset_facts
 from mae_model import DECODER_PREFIXES, PRETRAIN_DEFAULTS
 from model import VIT_CONFIGS, ViT
 
@@ -44,7 +44,7 @@ def get_parser():
     other models' and the synthetic demo's defaults on top."""
     p = argparse.ArgumentParser(description="MAE pre-training of a ViT (nanoMIM).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="vit_tiny", choices=list(VIT_CONFIGS) + list(HIERA_CONFIGS),
+    p.add_argument("--model", default="vit_tiny", choices=model_names(),
                    help="encoder (hiera_*: Hiera's sparse MAE)")
     p.add_argument("--img-size", type=int, default=224,
                    help="input size in pixels (--data synthetic: 32, Hiera 64)")
@@ -76,7 +76,7 @@ def get_parser():
                         "demo a vit_small MAE trained first into out/demo_teacher (beside "
                         "--out-dir), then reused")
     g.add_argument("--teacher-model", default="vit_base",
-                   choices=list(VIT_CONFIGS) + list(HIERA_CONFIGS),
+                   choices=model_names(),
                    help="teacher architecture (a published --teacher: its own; Hiera students: "
                         "hiera_base)")
     g.add_argument("--distill-target", default="attn", choices=["attn", "rep", "relation"],
@@ -180,8 +180,8 @@ def parse_args(argv=None):
         if given.teacher in weights.WEIGHTS:  # a published teacher names its architecture
             found.append(dict(teacher_model=weights.WEIGHTS[given.teacher]["model"]))
         if given.data == "synthetic":
-            found.append(dict(DEMO_DEFAULTS, **({"img_size": 64} if model in HIERA_CONFIGS
-                                                else {})))
+            size = preset_facts(model)["demo_img_size"]
+            found.append(dict(DEMO_DEFAULTS, **({"img_size": size} if size else {})))
         return found + [source]
 
     args, given = plumbing.parse_layered(parser, argv, "mae.py", layers)
@@ -228,7 +228,7 @@ def default_teacher(args, parser):
     (mae_vit_base: the papers' teacher); the synthetic demo: a DEMO_TEACHER_MODEL MAE that
     main() pre-trains on the same data into demo_teacher_dir (once, then reused); anything
     else: one line naming the fix."""
-    if args.model in HIERA_CONFIGS:
+    if preset_facts(args.model)["family"] != "vit":  # the published and demo teachers are ViTs
         parser.error("--distill-layer needs --teacher for a Hiera student: a Hiera MAE checkpoint "
                      "with --teacher-model hiera_* (no Hiera weights are published by name)")
     if args.data == "synthetic":
@@ -278,18 +278,22 @@ def validate(args, parser):
     """Each flag's range (RANGES), then the rules that tie flags together, with a message that
     names the fix."""
     plumbing.check_ranges(parser, args, RANGES)
-    hiera = args.model in HIERA_CONFIGS
-    plumbing.check_run_flags(parser, args, hiera)
-    depth = model_depth(args.model)
-    if hiera and args.recon_layer is not None:
+    facts = preset_facts(args.model)
+    plumbing.check_run_flags(parser, args, facts["size_unit"])
+    depth = facts["depth"]
+    if not facts["decodes_any_block"] and args.recon_layer is not None:
         parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
                      "fused stages")
-    if hiera and args.teacher is not None and (args.teacher_model not in HIERA_CONFIGS
-                                               or args.distill_target == "relation"
-                                               or args.teacher_input == "full"):
-        parser.error("a Hiera student distils attention or representations (--distill-target "
-                     "attn / rep) from a Hiera teacher (--teacher-model hiera_*) that sees the "
-                     "same kept mask units (--teacher-input visible)")
+    teacher_family = preset_facts(args.teacher_model)["family"]
+    if args.teacher is not None and (teacher_family != facts["family"]
+                                     or args.distill_target not in facts["distill_targets"]
+                                     or args.teacher_input not in facts["teacher_inputs"]):
+        what = {"attn": "attention", "rep": "representations", "relation": "relations"}
+        parser.error(f"a {facts['title']} student distils "
+                     f"{' or '.join(what[t] for t in facts['distill_targets'])} (--distill-target "
+                     f"{' / '.join(facts['distill_targets'])}) from a {facts['title']} teacher "
+                     f"(--teacher-model {facts['family']}_*) that sees --teacher-input "
+                     f"{' / '.join(facts['teacher_inputs'])}")
     if args.init is not None and args.resume is not None:
         parser.error("--init starts a new run from weights and --resume continues a run: give "
                      "one of them")
@@ -307,8 +311,9 @@ def validate(args, parser):
         if name in weights.WEIGHTS and weights.WEIGHTS[name]["model"] != arch:
             parser.error(f"{flag} {name} is a {weights.WEIGHTS[name]['model']}: drop {arch_flag} "
                          f"{arch} (or give {arch_flag} {weights.WEIGHTS[name]['model']})")
-    slots, what = ((args.img_size // 32) ** 2, "mask units") if hiera else \
-        ((args.img_size // args.patch_size) ** 2, "patches")
+    unit, what = (facts["size_unit"], "mask units") if facts["size_unit"] else \
+        (args.patch_size, "patches")
+    slots = (args.img_size // unit) ** 2
     if not 0 <= args.mask_ratio < 1 or int(slots * (1 - args.mask_ratio)) < 1:
         parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
                      f"the {slots} {what}")
@@ -330,20 +335,15 @@ def validate(args, parser):
         parser.error(f"--data-root {args.data_root} is not a folder")
 
 
-def model_depth(name):
-    return sum(HIERA_CONFIGS[name]["stages"]) if name in HIERA_CONFIGS \
-        else VIT_CONFIGS[name]["depth"]
-
-
 def distill_layers(args):
     """(student blocks, teacher blocks) to distil: --distill-layer (none given: the last block)
     and --teacher-layer (none given: the papers' pairing, distill.default_teacher_layer)."""
-    depth = model_depth(args.model)
-    t_depth = model_depth(args.teacher_model)
+    facts = preset_facts(args.model)
+    depth, t_depth = facts["depth"], preset_facts(args.teacher_model)["depth"]
     student = args.distill_layer or [depth]
     teacher = args.teacher_layer or [
         distill.default_teacher_layer(s, depth, t_depth, args.distill_target,
-                                      hiera=args.model in HIERA_CONFIGS) for s in student]
+                                      facts["pair_by_relative_depth"]) for s in student]
     return student, teacher
 
 
@@ -564,7 +564,7 @@ def train(args):
         loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         if is_main:
             knn = probe.monitor_epoch(monitor, args, epoch, student, device, precision, log,
-                                       step)
+                                      step)
             state = checkpoint_state(module, student, optimizer, scaler, epoch, step, args,
                                      bad_images, no_decay)
             loop.save_epoch(state, args.out_dir, epoch, args.save_every,

@@ -4,7 +4,7 @@ The ViT MAE follows FAIR MAE (He et al. 2021, arXiv 2111.06377) step by step, in
 functions: patchify, random_masking, forward_encoder, forward_decoder, forward_loss. Its
 state-dict keys are FAIR's (encoder keys at the top level, decoder_*), so our checkpoints load
 in FAIR's and timm's code. Depends on model.py and torch alone. hiera_mae.py holds Hiera's
-sparse MAE; checkpoints.build_mae builds either by preset name; mae.py trains them.
+sparse MAE; presets.build_mae builds either by preset name; mae.py trains them.
 """
 import torch
 import torch.nn as nn

@@ -27,7 +27,8 @@ import data
 import loop
 import plumbing
 import probe
-from checkpoints import CheckpointError, build_model
+from checkpoints import CheckpointError
+from presets import build_model
 from model import PRESETS
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def train(args):
         loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         if is_main:
             knn = probe.monitor_epoch(monitor, args, epoch, moco.encoder, device, precision,
-                                       log, step)
+                                      log, step)
             state = {"model": moco.encoder.state_dict(), "moco": moco.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "step": step, "args": vars(args), **bad_images.state_dict()}

@@ -384,7 +384,7 @@ PRESETS = {"vit_tiny": vit_tiny, "deit_tiny": deit_tiny, "vit_small": vit_small,
 
 
 def build_model(name, **kwargs):
-    """A ViT preset by name (checkpoints.build_model also knows hiera.py's presets)."""
+    """A ViT preset by name (presets.build_model also knows hiera.py's presets)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name](**kwargs)

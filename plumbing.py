@@ -306,18 +306,19 @@ def check_new_run(parser, args):
                      "with --overwrite")
 
 
-def check_run_flags(parser, args, hiera=False, writes_checkpoints=True):
+def check_run_flags(parser, args, size_unit=None, writes_checkpoints=True):
     """The rules every training script shares, each with one line naming the fix: a new run
-    never replaces an earlier one (check_new_run), the images fit the patches (Hiera: 32-px
-    multiples, stride 4 x mask unit 8), the warmup fits the run, data on disk has a root."""
+    never replaces an earlier one (check_new_run), the images fit the patches (size_unit: the
+    model's own multiple, Hiera's 32 px, else --patch-size), the warmup fits the run, data on
+    disk has a root."""
     if writes_checkpoints:
         check_new_run(parser, args)
     else:
         check_out_dir(parser, args.out_dir)
-    if hiera and args.img_size % 32:
-        parser.error(f"--img-size {args.img_size} must be a multiple of 32 for Hiera (stride 4 "
-                     "x mask unit 8)")
-    if not hiera and args.img_size % args.patch_size:
+    if size_unit and args.img_size % size_unit:
+        parser.error(f"--img-size {args.img_size} must be a multiple of {size_unit} for "
+                     f"{args.model}")
+    if not size_unit and args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size "
                      f"{args.patch_size}")
     if not 0 <= args.warmup_epochs <= args.epochs:

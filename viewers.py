@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 import augment
 import data
 import plumbing
-from checkpoints import (CheckpointError, build_mae, choose_model, image_size_of,
-                         load_model, load_pretrained, read_run)
+from checkpoints import CheckpointError, choose_model, image_size_of, load_model, load_pretrained, read_run
+from presets import build_mae, preset_facts
 from mae_model import DECODER_PREFIXES, PRETRAIN_DEFAULTS, patchify, unpatchify
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def run_recon(args, device):
 def run_attnmap(args, device):
     state, heads, run_args = read_run(args.ckpt, args.trust_checkpoint)
     name = choose_model(args.ckpt, state, heads, run_args, args.model)
-    if name.startswith("hiera"):
+    if "token" not in preset_facts(name)["poolings"]:
         raise ValueError(f"attnmap shows the cls token's attention and {name} has no cls token: "
                          "use analyze.py attn for Hiera's attention distance and entropy")
     if "patch_embed.proj.weight" not in state:

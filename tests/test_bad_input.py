@@ -9,7 +9,7 @@ import analyze
 import bench
 import finetune
 import mae
-from checkpoints import build_model
+from presets import build_model
 from model import ViT
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 import analyze
 import augment
 import checkpoints
+import presets
 import classifier
 import device_loader
 import distill
@@ -285,7 +286,7 @@ def test_weight_decay_exemptions():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in vit.named_parameters() if id(p) in decayed}
     assert "cls_token" not in names and "pos_embed" not in names and "head.weight" in names
-    hiera = checkpoints.build_mae("hiera_tiny_lite", img_size=64)  # MAE-Lite decays Hiera's too
+    hiera = presets.build_mae("hiera_tiny_lite", img_size=64)  # MAE-Lite decays Hiera's too
     decayed = {id(p) for g in loop.param_groups(hiera, 0.05) if g["weight_decay"] > 0
                for p in g["params"]}
     assert {"pos_embed", "mask_token", "decoder_pos_embed"} <= \

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import augment
-import checkpoints
+import presets
 import classifier
 import finetune
 import loop
@@ -88,7 +88,7 @@ def test_linear_probe_leaves_the_backbone_bit_identical(tmp_path):
 
 
 def test_pretraining_checkpoint_drops_decoder_and_reports(tmp_path, capsys):
-    model = checkpoints.build_mae("vit_tiny", img_size=16, patch_size=4)
+    model = presets.build_mae("vit_tiny", img_size=16, patch_size=4)
     path = str(tmp_path / "mae.pth")
     torch.save({"model": model.state_dict(), "distill": {"head_map": torch.ones(2)},
                 "args": {"model": "vit_tiny", "img_size": 16, "patch_size": 4}}, path)

@@ -10,7 +10,8 @@ import finetune
 import hiera_mae
 import mae
 from hiera import Hiera, MaskUnitAttention, unroll_order
-from checkpoints import CheckpointError, build_model, load_pretrained
+from checkpoints import CheckpointError, load_pretrained
+from presets import build_model
 from model import ViT
 
 # A tiny Hiera: 64 px -> 16 x 16 tokens -> 2 x 2 mask units of 8 x 8 tokens; widths 8..64.

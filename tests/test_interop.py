@@ -15,7 +15,8 @@ import mae
 import mae_model
 import plumbing
 from hiera import Hiera
-from checkpoints import CheckpointError, build_model, load_pretrained, read_state_dict
+from checkpoints import CheckpointError, load_pretrained, read_state_dict
+from presets import build_model
 from model import ViT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,8 +20,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import finetune  # noqa: E402
 import mae  # noqa: E402
 import plumbing  # noqa: E402
-from checkpoints import build_model, load_pretrained  # noqa: E402
+from checkpoints import load_pretrained  # noqa: E402
 from model import ViT  # noqa: E402
+from presets import build_model  # noqa: E402
 
 GOLDEN = os.path.join(HERE, "golden_losses.json")
 OLD_CHECKPOINT = os.path.join(HERE, "data", "pre_redesign_checkpoint.pth.gz")

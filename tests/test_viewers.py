@@ -11,7 +11,7 @@ from PIL import Image
 
 import analyze
 import augment
-import checkpoints
+import presets
 import viewers
 import hiera
 import mae_model
@@ -38,8 +38,8 @@ def micro(monkeypatch):
 
 def micro_mae(norm_pix_loss=True, seed=0):
     torch.manual_seed(seed)
-    return checkpoints.build_mae("vit_micro", img_size=IMG, patch_size=PATCH, decoder_dim=32,
-                                 decoder_depth=2, decoder_heads=2, norm_pix_loss=norm_pix_loss)
+    return presets.build_mae("vit_micro", img_size=IMG, patch_size=PATCH, decoder_dim=32,
+                             decoder_depth=2, decoder_heads=2, norm_pix_loss=norm_pix_loss)
 
 
 def save_ours(path, mae_model, mask_ratio=0.75):
@@ -147,8 +147,8 @@ def test_recon_of_fair_files_follows_their_names_and_the_model_defaults(tmp_path
 
 def test_recon_of_an_official_hiera_file_matches_ours(tmp_path, micro):
     torch.manual_seed(0)
-    net = checkpoints.build_mae("hiera_micro", img_size=64, decoder_dim=16, decoder_depth=1,
-                                decoder_heads=2)
+    net = presets.build_mae("hiera_micro", img_size=64, decoder_dim=16, decoder_depth=1,
+                            decoder_heads=2)
     ours = tmp_path / "ours.pth"
     torch.save({"model": net.state_dict(),
                 "args": dict(model="hiera_micro", img_size=64, decoder_heads=2)}, ours)
