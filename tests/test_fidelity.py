@@ -11,7 +11,6 @@ from PIL import Image
 import analyze
 import augment
 import checkpoints
-import presets
 import classifier
 import device_loader
 import distill
@@ -20,6 +19,8 @@ import loop
 import mae
 import mae_model
 import plumbing
+import presets
+import teachers
 from checkpoints import CheckpointError, load_pretrained
 from model import ViT, attention_logits
 from test_distill import STUDENT, TEACHER, make
@@ -299,7 +300,7 @@ def test_weight_decay_exemptions():
 
 def test_default_teacher_blocks_are_the_papers():
     def teacher_blocks(*flags):
-        return mae.distill_layers(pretrain_args("--teacher", "t.pth", *flags))[1]
+        return teachers.distill_layers(pretrain_args("--teacher", "t.pth", *flags))[1]
 
     assert teacher_blocks("--teacher-model", "vit_large") == [12]
     assert teacher_blocks("--teacher-model", "vit_large", "--distill-target", "relation",

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import augment
-import presets
 import classifier
 import finetune
 import loop
+import presets
 from model import ViT, vit_small, vit_tiny
 
 # vit_tiny at 16 px with patch 4 (16 tokens) on 64 synthetic images: a few seconds per run.

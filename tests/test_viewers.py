@@ -11,11 +11,11 @@ from PIL import Image
 
 import analyze
 import augment
-import presets
-import viewers
 import hiera
 import mae_model
 import model
+import presets
+import viewers
 
 IMG = 32
 PATCH = 8  # a 4 x 4 grid of 16 patches
