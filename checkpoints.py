@@ -277,28 +277,18 @@ def _is_encoder_key(key, prefixes=ENCODER_PREFIXES):
 
 def load_pretrained(model, path_or_state_dict, verbose=True, trust=False, heads=(None, None),
                     flag="--model", name=None):
-    """Load a checkpoint into `model` (a ViT, a Hiera, or a module built on one) and report.
+    """Load a checkpoint of any format the module docstring names into `model` (a ViT, a Hiera,
+    or a module built on one) and return {"loaded", "dropped", "initialised", "resized",
+    "extra_block"}: lists of keys. pos_embed is resized to the model's grid; keys the model lacks
+    are dropped; model keys the file lacks outside the encoder (head, fc_norm, decoder) keep
+    their initialisation. A file whose encoder keys are missing or of another shape raises
+    CheckpointError: a silently random backbone is never returned. MAE-Lite's D^2-MAE files
+    (a 13th, attention-only block) load into a 12-block ViT, the extra block listed.
 
-    Accepts our checkpoints, FAIR MAE files ({"model": ...}, encoder-only or with the decoder),
-    MAE-Lite files (module.model. / module.base_encoder.), DDP / compile prefixes and plain state
-    dicts, official Hiera files ({"model_state": ...}), .safetensors files (timm's hub). Resizes
-    pos_embed to the model's grid. Keys the model lacks (decoder, heads of another task) are
-    dropped; model keys the file lacks outside the encoder (head, fc_norm, decoder) keep their
-    fresh initialisation. Refuses, with CheckpointError, a file whose encoder keys are
-    missing or of another shape: a silently random backbone is never returned.
-
-    MAE-Lite's D^2-MAE files (a 13th block of norm1 + attn.qkv alone) load into a 12-block ViT:
-    that extra attention-only block of pre-training is dropped and listed under "extra_block".
-
-    trust: unpickle the file in full (--trust-checkpoint); otherwise only tensors, containers
-    and SAFE_GLOBALS. heads: (count, source) declared for a state dict passed in (a file says its
-    own, see declared_heads); a ViT file declaring another count than the model is refused.
-    flag: the command-line flag that picks this model (--model, --teacher-model, --model-a),
-    named in the messages. name: what the messages call a state dict passed in (its file).
-
-    Returns {"loaded": [...], "dropped": [...], "initialised": [...], "resized": [...],
-    "extra_block": [...]}.
-    """
+    trust: unpickle the file in full (--trust-checkpoint), else only tensors, containers and
+    SAFE_GLOBALS. heads: (count, source) declared for a state dict passed in (see
+    declared_heads). flag: the flag that picks this model, named in messages; name: what the
+    messages call a state dict passed in."""
     if isinstance(path_or_state_dict, str):
         state, heads = read_checkpoint(path_or_state_dict, trust)
     else:

@@ -8,17 +8,12 @@ Three targets, each a plain function that can be copied alone:
                                V-V relations softmax(q k^T / sqrt(d_h)), softmax(v v^T / sqrt(d_h)).
 
 `DistilledMAE` runs one pre-training step: the student MAE on the visible patches, its
-reconstruction loss from block `recon_layer`, and the frozen teacher on the same visible patches
-(or on the whole image) for the distillation loss. The published layouts:
-  D-MAE   --distill-layer 12               attention inside student block 12 vs teacher block 12;
-  D^2-MAE --distill-layer 12 --recon-layer 8
-          the decoder reads block 8; the distilled attention is computed from block 12's output
-          by an extra attention-only block (norm1 + qkv), which trains blocks 9-12 and is dropped
-          from the exported backbone;
-  w/o reconstruction  --no-recon (recon layer 0): distillation alone, inside block L as in
-          D-MAE (so block L's MLP gets no gradient, as in TinyMIM); with
-          --distill-target relation --teacher-input full --mask-ratio 0 it is TinyMIM.
-The extra attention-only block is used exactly when 0 < recon_layer < distill layer.
+reconstruction loss from block `recon_layer`, and the frozen teacher on the same patches (or
+the whole image) for the distillation loss. D-MAE: --distill-layer 12. D^2-MAE: --distill-layer
+12 --recon-layer 8, the decoder reading block 8 and the distilled attention computed from block
+12's output by an extra attention-only block (norm1 + qkv) that is dropped from the exported
+backbone; it is used exactly when 0 < recon_layer < distill layer. --no-recon: distillation
+alone; with --distill-target relation --teacher-input full --mask-ratio 0 it is TinyMIM.
 """
 import math
 

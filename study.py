@@ -4,27 +4,14 @@
     python study.py --preset cpu     # the 2-core study, about 2.5 hours (measured), teacher included
     python study.py --preset gpu     # one H100/H200, one command of at most ~9 minutes
 
-Fashion-MNIST (apt-get install dataset-fashion-mnist, or its four .gz files in --data-root) at
-28 px with 4-px patches (a 7 x 7 token grid). The study first writes two folders of IDX files
-under <out>/data: `dev` (the training images less a held-out split, and the test images) and
-`val` (the same training images, and the held-out split as its evaluation images). Every
-stage calls one of the scripts' main(argv), so each is a command a user can run alone (it is
-printed and recorded), and writes into <out>/<stage>/:
-  1. calibration: logistic regression and kNN on raw pixels, and a randomly initialised
-     ViT-Tiny's features, on the same labelled subsets as the fine-tuning runs;
-  2. pre-training without labels: MAE-Tiny, MoCo-v3-Tiny (the same lr and epochs), and the
-     teacher (a larger MAE, at least 4x the students' steps);
-  3. the teacher gate: the teacher must reconstruct better than MAE-Tiny, score a higher kNN
-     accuracy on the held-out split, and have attention logits of a sane size; only then are
-     the students distilled (D-MAE, D^2-MAE, TinyMIM's relations when the preset has them);
-  4. per-layer probes: the frozen kNN and linear accuracy of every layer, on the held-out split;
-  5. validation runs that fix the fine-tuning lr (held-out split only), then fine-tuning of
-     every model, scratch included, on the same label subsets: many subsets with few labels,
-     two seeds with many; evaluated once on the test images after the last epoch;
-  6. CKA against the supervised ViT-Tiny and the teacher, attention distance and entropy.
-Then <out>/results.json and results.md (study_report.py: paired statistics, the regime check
-against the pixel baseline, the verdicts) and figures. No setting is chosen by looking at test
-accuracy.
+Fashion-MNIST at 28 px in 4-px patches. Data: <out>/data/dev (training images less a held-out
+split; the test images) and <out>/data/val (the held-out split as evaluation images). Each
+stage calls a script's main(argv), a command a user can run alone, and writes <out>/<stage>/:
+calibration (pixels, random ViT), pre-training (MAE-Tiny, MoCo-v3, the teacher), the teacher
+gate, distillation (D-MAE, D^2-MAE), per-layer probes, the lr fixed on the held-out split,
+fine-tuning on the same label subsets, CKA and attention. study_report.py then writes
+results.json / results.md and figures. docs/results.md gives the design; no setting is
+chosen by looking at test accuracy.
 
 A stage whose stage.json exists is skipped when it ran with the command it has now and reads
 nothing redone in this call (--fresh redoes everything); any other is deleted and redone, so

@@ -141,10 +141,10 @@ def test_sdpa_kernels_match_the_explicit_attention_in_bf16(backend, rel_pos):
 
 
 def test_device_loader_on_cuda_gives_the_cpu_crops_and_skips_a_truncated_jpeg(tmp_path, capsys):
-    import bench
+    import bench_data
 
     root = tmp_path / "imgs"
-    bench.write_jpegs(str(root / "train"), 12)
+    bench_data.write_jpegs(str(root / "train"), 12)
     whole = (root / "train" / "class0" / "0.jpg").read_bytes()
     (root / "train" / "class0" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
     batches = {}
