@@ -2,8 +2,8 @@
 --small-images N call it; docs/performance.md reports what it measured).
 
   bench_loaders      decode + crop + flip + normalise of each loader (pil, device,
-                     device_batched) on N synthetic ImageNet-like JPEGs, with the steady rate
-                     and one worker's per-stage milliseconds (loader_stages);
+                     device_batched, dali) on N synthetic ImageNet-like JPEGs, with the steady
+                     rate and one thread's per-stage milliseconds (loader_stages);
   bench_small_epoch  a Fashion-MNIST fine-tuning epoch as the study runs it, loader included.
 """
 import os
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import augment
 import classifier
+import dali_loader
 import data
 import device_loader
 import finetune
@@ -48,8 +49,10 @@ def loader_stages(folder, img_size, min_scale, interpolation, count=256):
     """Where the `pil` path's time goes: milliseconds per image of each stage a loader worker
     runs (read + decode, crop + resize + flip, to a uint8 tensor, collate), then of the scaling
     and normalisation of the batch (on the device in training; here on the CPU), and of the
-    per-image header checks the `device` path makes in its main process; on `count` of the
-    JPEGs, in this process with one thread (the best of 3 passes)."""
+    per-image header checks the `device` path makes in its main process, and of the `dali`
+    path's pipeline (decode the crop's region + resize + flip + normalise, batches of 32, when
+    DALI is installed); on `count` of the JPEGs, in this process with one thread (the best of 3
+    passes)."""
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)[:count]
     geometry, to_tensor = augment.pretrain_transform(img_size, min_scale, interpolation,
                                                      uint8=True).transforms
@@ -78,9 +81,28 @@ def loader_stages(folder, img_size, min_scale, interpolation, count=256):
                       lambda p: torch.from_numpy(np.fromfile(p, dtype=np.uint8)), paths)
         timed("device path, main: whole-JPEG check + EXIF",
               lambda b: (device_loader.is_whole_jpeg(b), device_loader.exif_orientation(b)), blobs)
+        if dali_available():
+            n = min(32, len(blobs))
+            pipe = dali_loader.build_pipeline(0, n, img_size, min_scale, interpolation,
+                                              torch.device("cpu"), threads=1)
+
+            def dali_batch(i):
+                pipe.feed_input("jpegs", [b.numpy() for b in blobs[i:i + n]])
+                return pipe.run()
+            timed("dali path: decode the crop + resize + flip + normalise (DALI)", dali_batch,
+                  range(0, len(blobs) - n + 1, n), per=n)
     finally:
         torch.set_num_threads(threads)
     return times
+
+
+def dali_available():
+    try:
+        dali_loader.import_dali()
+        return True
+    except data.DataError as e:
+        print(f"  no dali row: {e}", flush=True)
+        return False
 
 
 def bench_loaders(args, device):
@@ -97,8 +119,14 @@ def bench_loaders(args, device):
         for stage, ms in stages.items():
             print(f"  one worker, {stage}: {ms:.3f} ms/image", flush=True)
         batch = min(args.loader_batch, args.jpegs)
-        for mode in ("pil", "device", "device_batched"):
-            if mode == "pil":
+        for mode in ("pil", "device", "device_batched", "dali"):
+            if mode == "dali" and not dali_available():
+                continue
+            if mode == "dali":
+                run_loader = dali_loader.DaliLoader(
+                    root, batch, seed=0, device=device, img_size=args.img_size,
+                    min_scale=min_scale, num_workers=args.workers, interpolation=interpolation)
+            elif mode == "pil":
                 dataset = data.build_dataset("imagefolder", root, "train",
                                              augment.pretrain_transform(args.img_size, min_scale,
                                                                         interpolation, uint8=True))
@@ -117,7 +145,7 @@ def bench_loaders(args, device):
                 # the steady rate leaves out the pipeline's fill: the first round of batches,
                 # one per worker, each worker having made a whole batch before handing it over
                 # (an ImageNet epoch of 5,000 batches pays that once)
-                fill = max(1, args.workers)
+                fill = 1 if mode == "dali" else max(1, args.workers)  # dali reads 1 ahead
                 for i, (imgs, _) in enumerate(loader):
                     imgs = imgs.to(device, non_blocking=True)
                     if mode == "pil":  # as mae.py: uint8 from the workers, normalised here

@@ -8,8 +8,8 @@
 #
 # Parts: 1. the CUDA tests; 2. the MAE step, eager and compiled, at batch 256, 512 and 1024,
 # each paired with the timm-built step; 3. CUDA graphs (reduce-overhead) at 256 and 1024;
-# 4. the input pipelines (pil, device, device with batched crops) at 16 workers; 5. summary.txt:
-# what the step can take against what each loader gives.
+# 4. the input pipelines (pil, device, device with batched crops, dali) at 16 workers;
+# 5. summary.txt: what the step can take against what each loader gives.
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"

@@ -12,6 +12,7 @@ import sys
 import torch
 
 import augment
+import dali_loader
 import data
 import device_loader
 import distill
@@ -100,10 +101,11 @@ def get_parser():
     p.add_argument("--data-root", default=None, help="dataset folder (imagefolder: the folder "
                    "holding train/<class>/...)")
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
-    p.add_argument("--loader", default="pil", choices=["pil", "device"],
+    p.add_argument("--loader", default="pil", choices=["pil", "device", "dali"],
                    help="pil: PIL decode + augment in workers; device: workers read bytes, JPEGs "
-                        "decoded in batches (nvJPEG on CUDA) and augmented on the device "
-                        "(--data imagefolder)")
+                        "decoded in batches (nvJPEG on CUDA) and augmented on the device; dali: "
+                        "NVIDIA DALI decodes each crop's region and augments (pip install "
+                        "nvidia-dali-cuda130) (device, dali: --data imagefolder / folder)")
     p.add_argument("--min-crop-scale", type=float, default=0.08,
                    help="smallest RandomResizedCrop area (MAE-Lite's for the lightweight models; "
                         "larger models 0.2, FAIR's)")
@@ -258,14 +260,14 @@ def validate(args, parser):
     if args.student_color_jitter > 0 and args.teacher is None:
         parser.error("--student-color-jitter jitters the student's view apart from the "
                      "teacher's (TinyMIM): it needs --teacher")
-    if args.loader == "device" and args.data not in ("imagefolder", "folder"):
-        parser.error("--loader device reads image files: use it with --data imagefolder or "
-                     "--data folder")
-    if args.max_images is not None and args.loader == "device":
+    if args.loader != "pil" and args.data not in ("imagefolder", "folder"):
+        parser.error(f"--loader {args.loader} reads image files: use it with --data imagefolder "
+                     "or --data folder")
+    if args.max_images is not None and args.loader != "pil":
         parser.error("--max-images works with --loader pil")
-    if args.loader == "device" and args.student_color_jitter > 0:
-        parser.error("--student-color-jitter needs --loader pil (the device loader makes one "
-                     "view per image)")
+    if args.loader != "pil" and args.student_color_jitter > 0:
+        parser.error(f"--student-color-jitter needs --loader pil (the {args.loader} loader makes "
+                     "one view per image)")
     if args.data_root is not None and not os.path.isdir(args.data_root):
         parser.error(f"--data-root {args.data_root} is not a folder")
 
@@ -367,8 +369,14 @@ def checkpoint_state(module, student, optimizer, scaler, epoch, step, args, bad_
 
 def build_loader(args, device, rank, world_size):
     """(dataset, run loader) of the pre-training images: a data.Loader of uint8 crops (workers
-    crop, the device normalises), or the DeviceLoader (--loader device: workers read bytes, the
-    device decodes and augments). Either loader's workers live for the run."""
+    crop, the device normalises), the DeviceLoader (--loader device: workers read bytes, the
+    device decodes and augments) or the DaliLoader (--loader dali). Workers live for the run."""
+    if args.loader == "dali":
+        dataset = dali_loader.DaliLoader(
+            args.data_root, args.batch_size, seed=args.seed, device=device, img_size=args.img_size,
+            min_scale=args.min_crop_scale, rank=rank, world_size=world_size,
+            num_workers=args.num_workers, interpolation=args.crop_interpolation, data=args.data)
+        return dataset, dataset
     if args.loader == "device":
         dataset = device_loader.DeviceLoader(
             args.data_root, args.batch_size, seed=args.seed, device=device, img_size=args.img_size,

@@ -89,5 +89,5 @@ def test_the_prepared_gpu_check_runs_every_part_at_toy_sizes(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "MAE step batch 4, compile False" in summary and "x the timm-built step" in summary
     loaders = [line.split(",")[0] for line in summary.splitlines() if line.startswith("loader ")]
-    assert loaders == ["loader pil", "loader device", "loader device_batched"]
+    assert loaders == ["loader pil", "loader device", "loader device_batched", "loader dali"]
     assert "5. done" in (tmp_path / "progress.txt").read_text()

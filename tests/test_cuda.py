@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dali_loader
 import data
 import device_loader
 import distill
@@ -165,6 +166,29 @@ def test_device_loader_on_cuda_gives_the_cpu_crops_and_skips_a_truncated_jpeg(tm
     # nvJPEG and libjpeg's IDCTs differ by a grey level or two, never by a different crop
     diff = (cuda[0].cpu() - cpu[0]).abs()
     assert diff.mean() < 0.03 and diff.amax() < 0.5, (diff.mean(), diff.amax())
+
+
+def test_dali_loader_on_cuda_crops_as_on_the_cpu_and_skips_a_truncated_jpeg(tmp_path, capsys):
+    from test_dali import crop_geometry, write_gradients
+
+    write_gradients(tmp_path, 64)
+    whole = (tmp_path / "train" / "a" / "0.jpg").read_bytes()
+    (tmp_path / "train" / "a" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+    crops, skipped = {}, {}
+    for device in (torch.device("cpu"), CUDA):
+        loader = dali_loader.DaliLoader(str(tmp_path), 65, seed=0, device=device, img_size=32,
+                                        num_workers=2, interpolation="random")
+        bad = data.BadImages()
+        crops[device.type] = torch.cat([x for e in range(4) for x, _ in loader.epoch(e, bad)])
+        skipped[device.type] = bad.skipped
+    cpu, cuda = crops["cpu"], crops["cuda"]
+    # nvJPEG would decode the truncated file into grey rows; is_whole_jpeg keeps it away
+    assert skipped == {"cpu": 4, "cuda": 4} and cuda.shape == cpu.shape == (256, 3, 32, 32)
+    assert cuda.device.type == "cuda" and torch.isfinite(cuda).all()
+    area_c, _, flip_c = crop_geometry(cpu)
+    area_g, _, flip_g = crop_geometry(cuda.cpu())
+    assert abs(area_c.mean() - area_g.mean()) < 4 * (area_c.var() / 256 + area_g.var() / 256).sqrt()
+    assert abs(flip_g.float().mean() - 0.5) < 0.12
 
 
 def read_log(path):

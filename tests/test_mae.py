@@ -260,12 +260,12 @@ def test_bench_smoke_on_cpu(tmp_path, fmnist_slice):
     names = {r["bench"] for r in rows}
     assert {"mae", "mae_distill", "finetune", "infer"} <= names
     assert all(r["images_per_s"] > 0 and r["gflop_per_image"] > 0 for r in rows)
-    assert {r["loader"] for r in loaders} == {"pil", "device", "device_batched"}
+    assert {r["loader"] for r in loaders} == {"pil", "device", "device_batched", "dali"}
     assert all(r["images"] == 12 for r in loaders)  # three full batches of 4 of the 14 JPEGs
     # the steady rate leaves out the first batch (no workers: the fill is one batch)
     assert all(r["fill_batches"] == 1 and r["steady_images_per_s"] > 0 for r in loaders)
     stages = loaders[0]["ms_per_image_one_thread"]
-    assert len(stages) == 7 and all(ms > 0 for ms in stages.values())
+    assert len(stages) == 8 and all(ms > 0 for ms in stages.values())  # dali's stage included
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["steps"]) == len(rows)
 
