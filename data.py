@@ -292,6 +292,15 @@ def evenly_spaced(dataset, max_images):
     return torch.utils.data.Subset(dataset, [int(i * step) for i in range(max_images)])
 
 
+def samples_of(dataset):
+    """[(path, label)] of a build_dataset image folder, through the Subsets of evenly_spaced and
+    per_class_subset (what --loader dali reads)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        samples = samples_of(dataset.dataset)
+        return [samples[i] for i in dataset.indices]
+    return dataset.raw.samples
+
+
 def labels_of(dataset):
     """The label of every sample of a build_dataset dataset, without decoding any image."""
     raw = dataset.raw

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import augment
 import classifier
+import dali_loader
 import data
 import loop
 import plumbing
@@ -168,6 +169,10 @@ def get_parser():
     g.add_argument("--data-root", default=None, help="folder that holds the dataset")
     g.add_argument("--download", action="store_true", help="let torchvision download the data")
     g.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
+    g.add_argument("--loader", default="pil", choices=["pil", "dali"],
+                   help="training images: pil: PIL decode + augment in workers; dali: NVIDIA DALI "
+                        "(pip install nvidia-dali-cuda130; --data imagefolder, no RandAugment: "
+                        "--rand-aug 0). Evaluation always: pil")
     g.add_argument("--max-images", type=int, default=None,
                    help="use at most this many images of each split, evenly spaced (none: all)")
     g.add_argument("--labels-per-class", type=int, default=None,
@@ -339,6 +344,12 @@ def validate(args, parser):
     if args.data == "folder":
         parser.error("--data folder has no labels: fine-tuning needs one sub-folder per class "
                      "(--data imagefolder)")
+    if args.loader == "dali" and args.data != "imagefolder":
+        parser.error("--loader dali reads image files: use it with --data imagefolder")
+    if args.loader == "dali" and args.rand_aug > 0:
+        parser.error(f"--loader dali has no RandAugment (timm's, which the recipes use): give "
+                     f"--rand-aug 0 (colour jitter --color-jitter {args.color_jitter} then "
+                     "applies, as timm), or --loader pil")
     if (args.rel_pos and not facts["rel_pos"]) or \
             args.global_pool not in (None, *facts["poolings"]):
         parser.error(f"{args.model} mean-pools its tokens and has no relative position bias: drop "
@@ -387,9 +398,17 @@ def build_loaders(args, rank, world_size, device):
     if args.labels_per_class is not None:  # the data-insufficient regime: a few labels a class
         train_set = data.per_class_subset(train_set, args.labels_per_class, args.subset_seed)
     train_set = data.evenly_spaced(train_set, args.max_images)
-    train_loader = data.Loader(train_set, args.batch_size, args.seed, rank=rank,
-                               world_size=world_size, num_workers=args.num_workers,
-                               pin_memory=device.type == "cuda")  # workers live for the run
+    if args.loader == "dali":  # DALI's graph; train_transform for what it cannot decode
+        graph = dali_loader.finetune_graph(args.img_size, args.min_crop_scale, args.color_jitter,
+                                           args.reprob)
+        train_loader = dali_loader.DaliLoader(
+            data.samples_of(train_set), args.batch_size, args.seed, device, graph,
+            augment.train_transform(args), (3, args.img_size, args.img_size), rank, world_size,
+            args.num_workers)
+    else:
+        train_loader = data.Loader(train_set, args.batch_size, args.seed, rank=rank,
+                                   world_size=world_size, num_workers=args.num_workers,
+                                   pin_memory=device.type == "cuda")  # workers live for the run
     return train_set, train_loader, val_set, val_loader, num_classes
 
 

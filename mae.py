@@ -263,8 +263,8 @@ def validate(args, parser):
     if args.loader != "pil" and args.data not in ("imagefolder", "folder"):
         parser.error(f"--loader {args.loader} reads image files: use it with --data imagefolder "
                      "or --data folder")
-    if args.max_images is not None and args.loader != "pil":
-        parser.error("--max-images works with --loader pil")
+    if args.max_images is not None and args.loader == "device":
+        parser.error("--max-images works with --loader pil or dali")
     if args.loader != "pil" and args.student_color_jitter > 0:
         parser.error(f"--student-color-jitter needs --loader pil (the {args.loader} loader makes "
                      "one view per image)")
@@ -371,12 +371,6 @@ def build_loader(args, device, rank, world_size):
     """(dataset, run loader) of the pre-training images: a data.Loader of uint8 crops (workers
     crop, the device normalises), the DeviceLoader (--loader device: workers read bytes, the
     device decodes and augments) or the DaliLoader (--loader dali). Workers live for the run."""
-    if args.loader == "dali":
-        dataset = dali_loader.DaliLoader(
-            args.data_root, args.batch_size, seed=args.seed, device=device, img_size=args.img_size,
-            min_scale=args.min_crop_scale, rank=rank, world_size=world_size,
-            num_workers=args.num_workers, interpolation=args.crop_interpolation, data=args.data)
-        return dataset, dataset
     if args.loader == "device":
         dataset = device_loader.DeviceLoader(
             args.data_root, args.batch_size, seed=args.seed, device=device, img_size=args.img_size,
@@ -389,10 +383,15 @@ def build_loader(args, device, rank, world_size):
         return dataset, dataset
     transform = augment.pretrain_transform(args.img_size, args.min_crop_scale,
                                            args.crop_interpolation, args.student_color_jitter,
-                                           uint8=True)
+                                           uint8=args.loader == "pil")
     dataset = data.build_dataset(args.data, args.data_root, "train", transform, args.download,
                                  args.synthetic_size, args.img_size)
     dataset = data.evenly_spaced(dataset, args.max_images)
+    if args.loader == "dali":  # DALI's graph; the pil path's transform for what it cannot decode
+        graph = dali_loader.mae_graph(args.img_size, args.min_crop_scale, args.crop_interpolation)
+        return dataset, dali_loader.DaliLoader(
+            data.samples_of(dataset), args.batch_size, args.seed, device, graph, transform,
+            (3, args.img_size, args.img_size), rank, world_size, args.num_workers)
     return dataset, data.Loader(dataset, args.batch_size, args.seed, rank=rank,
                                 world_size=world_size, num_workers=args.num_workers,
                                 pin_memory=device.type == "cuda")

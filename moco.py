@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import dali_loader
 import data
 import loop
 import plumbing
@@ -157,6 +158,10 @@ def get_parser():
     p.add_argument("--data-root", default=None, help="dataset folder")
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest crop area")
+    p.add_argument("--loader", default="pil", choices=["pil", "dali"],
+                   help="pil: PIL decode + both views in workers; dali: NVIDIA DALI decodes and "
+                        "makes both views (pip install nvidia-dali-cuda130; --data imagefolder "
+                        "or folder)")
     p.add_argument("--synthetic-size", type=int, default=2000, help="images in synthetic train")
     p.add_argument("--max-images", type=int, default=None, help="at most this many images")
     p.add_argument("--batch-size", type=int, default=128,
@@ -198,6 +203,9 @@ def parse_args(argv=None):
     plumbing.warmup_from_fraction(args, 0.1)
     plumbing.check_ranges(parser, args, RANGES)
     plumbing.check_run_flags(parser, args)
+    if args.loader == "dali" and args.data not in ("imagefolder", "folder"):
+        parser.error("--loader dali reads image files: use it with --data imagefolder or --data "
+                     "folder")
     return args
 
 
@@ -227,9 +235,16 @@ def train(args):
                                  augment.MocoViews(args.img_size, args.min_crop_scale),
                                  args.download, args.synthetic_size, args.img_size)
     dataset = data.evenly_spaced(dataset, args.max_images)
-    run_loader = data.Loader(dataset, args.batch_size, args.seed, rank=rank,
-                             world_size=world_size, num_workers=args.num_workers,
-                             pin_memory=device.type == "cuda")  # workers live for the run
+    if args.loader == "dali":  # DALI's two views; MocoViews for what it cannot decode
+        run_loader = dali_loader.DaliLoader(
+            data.samples_of(dataset), args.batch_size, args.seed, device,
+            dali_loader.moco_graph(args.img_size, args.min_crop_scale),
+            augment.MocoViews(args.img_size, args.min_crop_scale),
+            (2, 3, args.img_size, args.img_size), rank, world_size, args.num_workers)
+    else:
+        run_loader = data.Loader(dataset, args.batch_size, args.seed, rank=rank,
+                                 world_size=world_size, num_workers=args.num_workers,
+                                 pin_memory=device.type == "cuda")  # workers live for the run
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(args, len(dataset), world_size,
                                                            lr=args.lr)
     optimizer = torch.optim.AdamW([p for p in moco.parameters() if p.requires_grad], lr=lr,

@@ -1,7 +1,8 @@
 """--loader dali (dali_loader.py) on the CPU: its crops against the pil path's, measured from
 the pixels of gradient images (the oracle: each output pixel says where in the source it came
-from); a tiny pre-training and its exact resume; unreadable and undecodable files; the one line
-a user without DALI gets."""
+from); MoCo-v3's two views and fine-tuning's colour jitter and random erasing against the pil
+path's statistics; tiny runs of mae.py, moco.py and finetune.py, the first two resumed exactly;
+unreadable and undecodable files; the one line a user without DALI gets."""
 import json
 import os
 import sys
@@ -14,7 +15,9 @@ from PIL import Image
 import augment
 import dali_loader
 import data
+import finetune
 import mae
+import moco
 from test_data import write_image_folder
 
 W, H, S = 160, 120, 32  # source width, height; crop size
@@ -42,14 +45,22 @@ def crop_geometry(images):
     return width.abs() * height, width.abs() * W / (height * H), width < 0
 
 
+def mae_loader(root, batch, seed=0, min_scale=0.2, interpolation="bicubic", num_workers=1,
+               rank=0, world_size=1):
+    samples = data.image_files("imagefolder", str(root), "train").samples
+    return dali_loader.DaliLoader(
+        samples, batch, seed, torch.device("cpu"),
+        dali_loader.mae_graph(S, min_scale, interpolation),
+        augment.pretrain_transform(S, min_scale, interpolation), (3, S, S), rank, world_size,
+        num_workers)
+
+
 def test_dali_crops_have_the_pil_paths_statistics(tmp_path):
     write_gradients(tmp_path, 64)
-    loader = dali_loader.DaliLoader(str(tmp_path), 32, seed=0, device=torch.device("cpu"),
-                                    img_size=S, min_scale=0.2, num_workers=2,
-                                    interpolation="random")
+    transform = augment.pretrain_transform(S, 0.2, "random")
+    loader = mae_loader(tmp_path, 32, min_scale=0.2, interpolation="random", num_workers=2)
     dali = torch.cat([x for e in range(8) for x, _ in loader.epoch(e)])  # 512 crops
     torch.manual_seed(0)
-    transform = augment.pretrain_transform(S, 0.2, "random")
     source = Image.open(tmp_path / "train" / "a" / "0.jpg").convert("RGB")
     pil = torch.stack([transform(source) for _ in range(512)])
     (area_d, aspect_d, flip_d), (area_p, aspect_p, flip_p) = map(crop_geometry, (dali, pil))
@@ -70,8 +81,7 @@ def test_dali_epochs_repeat_by_seed_epoch_and_rank(tmp_path):
     write_gradients(tmp_path, 16)
 
     def epoch(e, rank=0, seed=0):
-        loader = dali_loader.DaliLoader(str(tmp_path), 4, seed=seed, device=torch.device("cpu"),
-                                        img_size=S, rank=rank, world_size=2, num_workers=1)
+        loader = mae_loader(tmp_path, 4, seed=seed, rank=rank, world_size=2)
         return torch.cat([x for x, _ in loader.epoch(e)])
 
     first = epoch(1)
@@ -108,8 +118,7 @@ def test_dali_skips_what_nothing_can_decode_and_sends_the_rest_to_pil(tmp_path, 
     (folder / "noise.jpg").write_bytes(b"\xff\xd8" + bytes(range(256)) * 8 + b"\xff\xd9")
     (folder / "text.jpg").write_bytes(b"not an image")
     Image.open(folder / "0.jpg").save(folder / "png.jpg", format="PNG")  # PIL reads it
-    loader = dali_loader.DaliLoader(str(tmp_path), 16, seed=0, device=torch.device("cpu"),
-                                    img_size=S, num_workers=1)
+    loader = mae_loader(tmp_path, 16)
     bad = data.BadImages(max_fraction=1.0)
     images = torch.cat([x for x, _ in loader.epoch(0, bad)])
     assert (bad.skipped, bad.seen) == (3, 16) and images.shape == (13, 3, S, S)
@@ -137,9 +146,91 @@ def test_dali_turns_images_upright_by_their_exif_orientation(tmp_path):
         exif = image.getexif()
         exif[0x0112] = 6
         image.save(path, exif=exif, quality=98)
-    loader = dali_loader.DaliLoader(str(tmp_path), 4, seed=0, device=torch.device("cpu"),
-                                    img_size=S, min_scale=0.9, num_workers=1)
+    loader = mae_loader(tmp_path, 4, min_scale=0.9)
     red = torch.cat([x for x, _ in loader.epoch(0)])[:, 0]  # the column gradient of the stored
     along_width = (red[:, :, -1] - red[:, :, 0]).abs().mean()  # image, upright: down the rows
     along_height = (red[:, -1, :] - red[:, 0, :]).abs().mean()
     assert along_height > 3 and along_width < 0.1  # measured 4.05 and 0.006
+
+
+def colour_stats(views):
+    """Per image (N, 3, S, S) normalised: (is grey: channels equal, mean grey level, contrast:
+    the std of its grey levels)."""
+    mean = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
+    x = (views * std + mean) * 255
+    grey = (x.amax(1) - x.amin(1)).amax((1, 2)) < 4
+    return grey.float(), x.mean((1, 2, 3)), x.mean(1).std((1, 2))
+
+
+def test_dali_moco_views_have_the_pil_paths_statistics(tmp_path):
+    import bench_data
+
+    bench_data.write_jpegs(str(tmp_path / "train"), 64)  # smooth colour images
+    samples = data.image_files("imagefolder", str(tmp_path), "train").samples
+    views = augment.MocoViews(S, 0.08)
+    loader = dali_loader.DaliLoader(samples, 32, 0, torch.device("cpu"),
+                                    dali_loader.moco_graph(S, 0.08), views, (2, 3, S, S),
+                                    num_workers=2)
+    dali = torch.cat([x for e in range(6) for x, _ in loader.epoch(e)])  # (384, 2, 3, S, S)
+    torch.manual_seed(0)
+    pil = torch.stack([views(data.load_rgb(samples[i % 64][0])) for i in range(384)])
+    assert dali.shape == pil.shape
+    for v in (0, 1):
+        (grey_d, mean_d, contrast_d), (grey_p, mean_p, contrast_p) = \
+            colour_stats(dali[:, v]), colour_stats(pil[:, v])
+        # greyscale with p 0.2 (+ saturation 0.8 of the time never greys): 0.2 each, 4 SE apart
+        assert abs(grey_d.mean() - 0.2) < 0.08 and abs(grey_p.mean() - 0.2) < 0.08
+        n = len(mean_d)
+        for a, b in ((mean_d, mean_p), (contrast_d, contrast_p)):
+            assert abs(a.mean() - b.mean()) < 4 * ((a.var() + b.var()) / n).sqrt(), (v, a, b)
+
+
+def test_dali_random_erasing_erases_as_often_and_as_much_as_timms(tmp_path):
+    write_gradients(tmp_path, 64)
+    samples = data.image_files("imagefolder", str(tmp_path), "train").samples
+    args = finetune.parse_args(["--img-size", str(S), "--patch-size", "4", "--rand-aug", "0",
+                                "--color-jitter", "0", "--reprob", "0.5", "--min-crop-scale",
+                                "0.5", "--out-dir", str(tmp_path / "unused")])
+    transform = augment.train_transform(args)
+    graph = dali_loader.finetune_graph(S, 0.5, 0.0, 0.5)
+    loader = dali_loader.DaliLoader(samples, 32, 0, torch.device("cpu"), graph, transform,
+                                    (3, S, S), num_workers=2)
+    dali = torch.cat([x for e in range(8) for x, _ in loader.epoch(e)])
+    torch.manual_seed(0)
+    source = data.load_rgb(samples[0][0])
+    pil = torch.stack([transform(source) for _ in range(512)])
+
+    def erased(x):  # the fraction of each image that is noise: a gradient is smooth
+        return ((x[:, :, :, 1:] - x[:, :, :, :-1]).abs().amax(1) > 0.5).float().mean((1, 2))
+
+    for x in (dali, pil):
+        assert abs((erased(x) > 0.01).float().mean() - 0.5) < 0.1  # one image in two
+    d, p = erased(dali)[erased(dali) > 0.01], erased(pil)[erased(pil) > 0.01]
+    assert abs(d.mean() - p.mean()) < 4 * (d.var() / len(d) + p.var() / len(p)).sqrt()
+
+
+def test_moco_and_finetune_run_with_dali(tmp_path, capsys):
+    write_image_folder(tmp_path / "imgs" / "train", per_class=8, corrupt=1)
+    write_image_folder(tmp_path / "imgs" / "val", per_class=2, corrupt=0)
+    folder = ["--data", "imagefolder", "--data-root", str(tmp_path / "imgs"), "--loader", "dali",
+              "--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--num-workers",
+              "1", "--log-every", "1", "--compile", "off", "--epochs", "2", "--save-every", "1",
+              "--warmup-epochs", "1"]
+    run = folder + ["--mlp-dim", "32", "--out-dim", "16"]
+    moco.main(run + ["--out-dir", str(tmp_path / "straight")])
+    moco.main(run + ["--out-dir", str(tmp_path / "resumed"),
+                     "--resume", str(tmp_path / "straight" / "checkpoint-1.pth")])
+    straight = [r for r in map(json.loads, open(tmp_path / "straight" / "log.jsonl"))
+                if "loss" in r]
+    resumed = [r for r in map(json.loads, open(tmp_path / "resumed" / "log.jsonl"))
+               if "loss" in r]
+    assert len(straight) == 8 and [r["step"] for r in resumed] == [5, 6, 7, 8]
+    for a, b in zip(straight[4:], resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-6
+    with pytest.raises(SystemExit):
+        finetune.main(folder + ["--out-dir", str(tmp_path / "ft")])
+    assert "--loader dali has no RandAugment" in capsys.readouterr().err
+    finetune.main(folder + ["--rand-aug", "0", "--out-dir", str(tmp_path / "ft")])
+    log = [r for r in map(json.loads, open(tmp_path / "ft" / "log.jsonl")) if "loss" in r]
+    assert len(log) == 8 and log[-1]["skipped_images"] == 2
