@@ -83,8 +83,8 @@ def loader_stages(folder, img_size, min_scale, interpolation, count=256):
               lambda b: (device_loader.is_whole_jpeg(b), device_loader.exif_orientation(b)), blobs)
         if dali_available():
             n = min(32, len(blobs))
-            pipe = dali_loader.build_pipeline(0, n, img_size, min_scale, interpolation,
-                                              torch.device("cpu"), threads=1)
+            graph = dali_loader.mae_graph(img_size, min_scale, interpolation)
+            pipe = dali_loader.build_pipeline(graph, 0, n, torch.device("cpu"), threads=1)
 
             def dali_batch(i):
                 pipe.feed_input("jpegs", [b.numpy() for b in blobs[i:i + n]])
@@ -122,10 +122,12 @@ def bench_loaders(args, device):
         for mode in ("pil", "device", "device_batched", "dali"):
             if mode == "dali" and not dali_available():
                 continue
-            if mode == "dali":
+            if mode == "dali":  # as mae.py builds it
                 run_loader = dali_loader.DaliLoader(
-                    root, batch, seed=0, device=device, img_size=args.img_size,
-                    min_scale=min_scale, num_workers=args.workers, interpolation=interpolation)
+                    data.image_files("imagefolder", root, "train").samples, batch, 0, device,
+                    dali_loader.mae_graph(args.img_size, min_scale, interpolation),
+                    augment.pretrain_transform(args.img_size, min_scale, interpolation),
+                    (3, args.img_size, args.img_size), num_workers=args.workers)
             elif mode == "pil":
                 dataset = data.build_dataset("imagefolder", root, "train",
                                              augment.pretrain_transform(args.img_size, min_scale,
@@ -198,7 +200,7 @@ def bench_small_epoch(args, device):
                              shuffle=False, drop_last=False, pin_memory=pin).epoch(0)
     torch.manual_seed(ft.seed)
     model = classifier.prepare_model(ft, 10, device)
-    optimizer = finetune.build_optimizer(ft, model, ft.blr * ft.batch_size / 256, device)
+    optimizer = classifier.build_optimizer(ft, model, ft.blr * ft.batch_size / 256, device)
     mixing = augment.build_mixing(ft, 10)
     epochs = []
     evaluations = []
@@ -221,7 +223,7 @@ def bench_small_epoch(args, device):
         sync(device)
         epochs.append(time.perf_counter() - start)
         start = time.perf_counter()
-        finetune.evaluate(model, val_loader, device, precision)
+        classifier.evaluate(model, val_loader, device, precision)
         sync(device)
         evaluations.append(time.perf_counter() - start)
     row = dict(bench="finetune_fmnist_epoch", images=steps * ft.batch_size, steps=steps,

@@ -1,6 +1,7 @@
 """classifier.py: the ViT or Hiera that finetune.py trains, evaluates and exports: its head
-and its initialisation, the layer-wise lr decay, the blocks kept from pre-training
-(--keep-blocks), the frozen backbone of linear probing, and the export to timm's hub layout.
+and its initialisation, the layer-wise lr decay and the optimizer (LARS for linear probing, as
+FAIR MAE), the blocks kept from pre-training (--keep-blocks), the frozen backbone of linear
+probing, its evaluation (top-1 / top-5) and the export to timm's hub layout.
 """
 import copy
 import json
@@ -8,8 +9,11 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import augment
+import data
+import loop
 import plumbing
 from checkpoints import CheckpointError, load_pretrained, read_state_dict
 from presets import build_model, preset_facts
@@ -167,3 +171,39 @@ def checkpoint_num_classes(path, trust=False):
         raise CheckpointError(f"{path} has no classifier head (a pre-training checkpoint?): "
                               "--eval and --export need a fine-tuned one; fine-tune it first")
     return next(iter(head.values())).shape[0]
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision):
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes."""
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, images
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with plumbing.autocast(device, precision):
+            logits = model(imgs).float()  # (B, classes)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+        hit = top == labels[:, None]
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                             torch.tensor(float(len(labels)), device=device, dtype=torch.float64)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    loss, top1, top5, n = sums.tolist()
+    if n == 0:
+        raise data.DataError("no validation image could be read (see the warnings above): check "
+                             "the val split under --data-root")
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1),
+            "val_loss": loss / max(n, 1), "images": int(n)}
+
+
+def build_optimizer(args, model, lr, device):
+    decay = (lambda name: layer_decay_scale(name, model.depth, args.layer_decay)) \
+        if args.layer_decay != 1.0 else None
+    groups = loop.param_groups(model, args.weight_decay, decay,
+                               no_decay_names=("cls_token", "pos_embed"))  # timm's
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    if args.opt == "sgd":  # Nesterov, as MAE-Lite's transfer code
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return loop.LARS(groups, lr=lr, weight_decay=args.weight_decay)

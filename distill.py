@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_pretrained, read_checkpoint
-from presets import build_model, preset_facts
 from hiera import Hiera
 from model import attention_logits, init_mae_weights
+from presets import build_model, preset_facts
 
 
 class DistillError(ValueError):

@@ -17,7 +17,6 @@ import copy
 import os
 import sys
 
-import torch
 import torch.nn.functional as F
 
 import augment
@@ -28,8 +27,8 @@ import loop
 import plumbing
 import weights
 from checkpoints import CheckpointError, read_hub_config
-from presets import model_names, preset_facts
 from model import VIT_CONFIGS
+from presets import model_names, preset_facts
 
 # The papers' recipes. Batch sizes are per process; lr = blr * (batch * accum * GPUs) / 256, so
 # the published batch (1024 for impr/mae) is e.g. --batch-size 256 on 4 GPUs or --accum-iter 4.
@@ -69,7 +68,7 @@ ARCH_ARGS = ("model", "img_size", "patch_size", "global_pool", "rel_pos", "recip
 
 
 # ----------------------------------------------------------------------------------------------
-# Data and evaluation
+# Data
 
 
 def class_names(dataset):
@@ -83,46 +82,6 @@ def num_classes_of(args, dataset):
     classes = class_names(dataset)
     return len(classes) if classes is not None and args.data == "imagefolder" \
         else data.NUM_CLASSES[args.data]
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, precision):
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all processes."""
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, images
-    for imgs, labels in loader:
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with plumbing.autocast(device, precision):
-            logits = model(imgs).float()  # (B, classes)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
-        hit = top == labels[:, None]
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                             torch.tensor(float(len(labels)), device=device, dtype=torch.float64)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    loss, top1, top5, n = sums.tolist()
-    if n == 0:
-        raise data.DataError("no validation image could be read (see the warnings above): check "
-                             "the val split under --data-root")
-    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1),
-            "val_loss": loss / max(n, 1), "images": int(n)}
-
-
-# ----------------------------------------------------------------------------------------------
-# The optimizer (LARS, in loop.py, for linear probing: FAIR MAE's optimizer there)
-
-
-def build_optimizer(args, model, lr, device):
-    decay = (lambda name: classifier.layer_decay_scale(name, model.depth, args.layer_decay)) \
-        if args.layer_decay != 1.0 else None
-    groups = loop.param_groups(model, args.weight_decay, decay,
-                               no_decay_names=("cls_token", "pos_embed"))  # timm's
-    if args.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-    if args.opt == "sgd":  # Nesterov, as MAE-Lite's transfer code
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    return loop.LARS(groups, lr=lr, weight_decay=args.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +377,7 @@ def evaluate_init(args, model, val_loader, num_classes, device, precision):
     if head != num_classes:
         raise CheckpointError(f"{args.init}'s head has {head} classes but --data {args.data} has "
                               f"{num_classes}: evaluate it on the data it was fine-tuned on")
-    result = evaluate(model, val_loader, device, precision)
+    result = classifier.evaluate(model, val_loader, device, precision)
     plumbing.print0(f"{args.init}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on "
                     f"{result['images']} {args.data} validation images")
     return result
@@ -438,7 +397,7 @@ def train(args):
     log, last_path = loop.open_run(args, is_main)
     steps_per_epoch, eff_batch, lr = plumbing.steps_and_lr(  # one run: one lr
         args, len(train_set), world_size, lr=args.lr[0] if args.lr else None)
-    optimizer = build_optimizer(args, module, lr, device)
+    optimizer = classifier.build_optimizer(args, module, lr, device)
     scaler = plumbing.grad_scaler(precision, device)
     mixing = augment.build_mixing(args, num_classes)
     ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume \
@@ -487,7 +446,7 @@ def train(args):
         loop.end_epoch(losses, optimizer, step, steps_before, epoch, bad_images)
         is_best = False
         if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            result = evaluate(compiled, val_loader, device, precision)
+            result = classifier.evaluate(compiled, val_loader, device, precision)
             is_best = result["top1"] > best["top1"]
             best = dict(result, epoch=epoch + 1) if is_best else best
             log.write(epoch=epoch + 1, step=step, **result, best_top1=best["top1"])

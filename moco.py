@@ -29,8 +29,8 @@ import loop
 import plumbing
 import probe
 from checkpoints import CheckpointError
-from presets import build_model
 from model import PRESETS
+from presets import build_model
 
 # ----------------------------------------------------------------------------------------------
 # The model

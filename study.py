@@ -1,7 +1,7 @@
 """study.py: the papers' study in miniature, on real images, in one command (study v2).
 
     python study.py --preset smoke   # every stage on a handful of images (the CI test)
-    python study.py --preset cpu     # the 2-core study, about 2.5 hours (measured), teacher included
+    python study.py --preset cpu     # the 2-core study, about 2.5 hours (measured), teacher too
     python study.py --preset gpu     # one H100/H200, one command of at most ~9 minutes
 
 Fashion-MNIST at 28 px in 4-px patches. Data: <out>/data/dev (training images less a held-out

@@ -61,7 +61,8 @@ def default_teacher(args, parser, demo_defaults):
             f"{args.patch_size}-px patches, so the teacher is a {DEMO_TEACHER_MODEL} MAE "
             f"pre-trained on the same images into {os.path.dirname(args.teacher)} (once; later "
             f"runs reuse it). By hand: python mae.py "
-            f"{' '.join(demo_teacher_argv(args, demo_defaults))}, then add --teacher {args.teacher} --teacher-model {DEMO_TEACHER_MODEL}")
+            f"{' '.join(demo_teacher_argv(args, demo_defaults))}, then add --teacher "
+            f"{args.teacher} --teacher-model {DEMO_TEACHER_MODEL}")
         return
     published = [n for n, w in weights.WEIGHTS.items() if w["model"] == args.teacher_model]
     if not published:

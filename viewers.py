@@ -19,9 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 import augment
 import data
 import plumbing
-from checkpoints import CheckpointError, choose_model, image_size_of, load_model, load_pretrained, read_run
-from presets import build_mae, preset_facts
+from checkpoints import (CheckpointError, choose_model, image_size_of, load_model,
+                         load_pretrained, read_run)
 from mae_model import DECODER_PREFIXES, PRETRAIN_DEFAULTS, patchify, unpatchify
+from presets import build_mae, preset_facts
 
 # ----------------------------------------------------------------------------------------------
 # Figures (PIL only)

@@ -223,7 +223,7 @@ def test_transfer_recipe_is_mae_lites():
     args = finetune_args("--recipe", "transfer")
     assert (args.opt, args.clip_grad, args.min_lr, args.layer_decay) == ("sgd", 1.0, 1e-6, 0.75)
     model = ViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-    optimizer = finetune.build_optimizer(args, model, 0.1, torch.device("cpu"))
+    optimizer = classifier.build_optimizer(args, model, 0.1, torch.device("cpu"))
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
     assert finetune_args().clip_grad is None  # impr: no clipping
     assert pretrain_args("--clip-grad", "3").clip_grad == 3.0
@@ -283,7 +283,7 @@ def test_weight_decay_exemptions():
     assert not any(n.endswith(("bias", "norm1.weight")) for n in names)
     vit = ViT(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=3)
     vit.pos_embed.requires_grad_(True)
-    groups = finetune.build_optimizer(finetune_args(), vit, 1e-3, torch.device("cpu")).param_groups
+    groups = classifier.build_optimizer(finetune_args(), vit, 1e-3, torch.device("cpu")).param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in vit.named_parameters() if id(p) in decayed}
     assert "cls_token" not in names and "pos_embed" not in names and "head.weight" in names
