@@ -378,8 +378,7 @@ def validate_hiera_layout(student, teacher, student_layers, teacher_layers, targ
 
 def validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input):
     """Every distillation flag checked against both models, with a message naming the fix."""
-    hiera = isinstance(student, Hiera)
-    if hiera != isinstance(teacher, Hiera):
+    if type(student.blocks[0]) is not type(teacher.blocks[0]):  # a ViT's tokens, or Hiera's
         raise DistillError("a Hiera student needs a Hiera teacher (--teacher-model hiera_*) and a "
                            "ViT student a ViT teacher: a ViT's tokens do not match Hiera's "
                            "mask-unit tokens")
@@ -394,7 +393,7 @@ def validate_layout(student, teacher, student_layers, teacher_layers, target, te
         if not 1 <= t <= teacher.depth:
             raise DistillError(f"--teacher-layer {t} is beyond the teacher's {teacher.depth} "
                                f"blocks (choose 1..{teacher.depth})")
-    if hiera:  # Hiera's MAE decodes the fused stages, so every block trains
+    if isinstance(student, Hiera):  # its MAE decodes the fused stages: every block trains
         return validate_hiera_layout(student, teacher, student_layers, teacher_layers, target)
     deepest = max(student.recon_layer, *student_layers)
     if deepest < student.depth:
