@@ -50,8 +50,8 @@ def import_dali():
 
 
 def interp(dali, interpolation):
-    fn, types = dali.fn, dali.types
     """DALI's resize filter for augment.INTERPOLATIONS' name; "random": one of two per image."""
+    fn, types = dali.fn, dali.types
     modes = {"bicubic": [types.INTERP_CUBIC], "bilinear": [types.INTERP_LINEAR],
              "random": [types.INTERP_LINEAR, types.INTERP_CUBIC]}[interpolation]
     if len(modes) == 1:
@@ -82,13 +82,23 @@ def mae_graph(img_size, min_scale, interpolation):
     return graph
 
 
+def coin(dali, probability):
+    """1.0 with `probability`, else 0.0, drawn per image."""
+    return dali.fn.cast(dali.fn.random.coin_flip(probability=probability), dtype=dali.types.FLOAT)
+
+
+def beside(node, data):
+    """`node` (drawn on the CPU) moved to the GPU when `data` is there, to combine with it."""
+    return node.gpu() if getattr(data, "device", "cpu") == "gpu" and node.device == "cpu" \
+        else node
+
+
 def maybe(dali, probability, value, otherwise):
     """`value` with `probability`, else `otherwise`, drawn per image (float nodes or numbers)."""
     if probability >= 1:
         return value
-    coin = dali.fn.cast(dali.fn.random.coin_flip(probability=probability),
-                        dtype=dali.types.FLOAT)
-    return coin * value + (1 - coin) * otherwise
+    heads = beside(beside(coin(dali, probability), value), otherwise)
+    return heads * value + (1 - heads) * otherwise
 
 
 def moco_view(dali, images, img_size, min_scale, blur_p, solarize_p):
@@ -97,10 +107,12 @@ def moco_view(dali, images, img_size, min_scale, blur_p, solarize_p):
     crop = fn.random_resized_crop(images, size=[img_size, img_size], random_area=[min_scale, 1.0],
                                   random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
                                   interp_type=types.INTERP_LINEAR, antialias=True)
-    # ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, then grayscale with p 0.2 (saturation 0)
-    jitter = [maybe(dali, 0.8, fn.random.uniform(range=r), 1.0)
+    # ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 (all four or none: one coin), then grayscale
+    # with p 0.2 (saturation 0)
+    jittered = coin(dali, 0.8)
+    jitter = [jittered * fn.random.uniform(range=r) + (1 - jittered)
               for r in ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2))]
-    hue = maybe(dali, 0.8, fn.random.uniform(range=(-36.0, 36.0)), 0.0)  # 0.1 of a turn
+    hue = jittered * fn.random.uniform(range=(-36.0, 36.0))  # degrees: 0.1 of a turn
     saturation = jitter[2] * maybe(dali, 0.2, 0.0, 1.0)
     x = fn.color_twist(crop, brightness=jitter[0], contrast=jitter[1], saturation=saturation,
                        hue=hue, dtype=types.FLOAT)  # (S, S, 3) float in [0, 255]
@@ -161,7 +173,7 @@ def erase(dali, x, size, probability):
     ones = fn.constant(fdata=1.0, shape=[1, size, size], dtype=types.FLOAT)
     mask = 1.0 - fn.erase(ones, anchor=fn.stack(top, left), shape=fn.stack(h, w), axes=[1, 2],
                           fill_value=0.0)  # (1, S, S): 1 inside the rectangle
-    mask = maybe(dali, probability, mask, 0.0)
+    mask = beside(maybe(dali, probability, mask, 0.0), x)
     noise = fn.random.normal(x)
     return x * (1.0 - mask) + noise * mask
 
@@ -223,7 +235,7 @@ class DaliLoader:
         self.readers = ThreadPoolExecutor(self.threads)
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.sampler) // self.batch_size  # batches per epoch, as data.Loader's
 
     def epoch(self, epoch, bad_images=None):
         """One epoch of (images, labels) on the device, as data.Loader's."""

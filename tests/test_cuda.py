@@ -169,15 +169,18 @@ def test_device_loader_on_cuda_gives_the_cpu_crops_and_skips_a_truncated_jpeg(tm
 
 
 def test_dali_loader_on_cuda_crops_as_on_the_cpu_and_skips_a_truncated_jpeg(tmp_path, capsys):
+    import augment
     from test_dali import crop_geometry, write_gradients
 
     write_gradients(tmp_path, 64)
     whole = (tmp_path / "train" / "a" / "0.jpg").read_bytes()
     (tmp_path / "train" / "a" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+    samples = data.image_files("imagefolder", str(tmp_path), "train").samples
     crops, skipped = {}, {}
     for device in (torch.device("cpu"), CUDA):
-        loader = dali_loader.DaliLoader(str(tmp_path), 65, seed=0, device=device, img_size=32,
-                                        num_workers=2, interpolation="random")
+        loader = dali_loader.DaliLoader(
+            samples, 65, 0, device, dali_loader.mae_graph(32, 0.2, "random"),
+            augment.pretrain_transform(32, 0.2, "random"), (3, 32, 32), num_workers=2)
         bad = data.BadImages()
         crops[device.type] = torch.cat([x for e in range(4) for x, _ in loader.epoch(e, bad)])
         skipped[device.type] = bad.skipped
@@ -189,6 +192,15 @@ def test_dali_loader_on_cuda_crops_as_on_the_cpu_and_skips_a_truncated_jpeg(tmp_
     area_g, _, flip_g = crop_geometry(cuda.cpu())
     assert abs(area_c.mean() - area_g.mean()) < 4 * (area_c.var() / 256 + area_g.var() / 256).sqrt()
     assert abs(flip_g.float().mean() - 0.5) < 0.12
+    # MoCo's two views and fine-tuning's jitter + erasing run on the GPU too (GPU arithmetic
+    # with coins and masks drawn on the CPU)
+    for graph, fallback, shape in (
+            (dali_loader.moco_graph(32, 0.08), augment.MocoViews(32, 0.08), (2, 3, 32, 32)),
+            (dali_loader.finetune_graph(32, 0.08, 0.4, 0.5), None, (3, 32, 32))):
+        whole_files = [s for s in samples if "truncated" not in s[0]]
+        loader = dali_loader.DaliLoader(whole_files, 16, 0, CUDA, graph, fallback, shape)
+        images = torch.cat([x for x, _ in loader.epoch(0)])
+        assert images.shape == (64, *shape) and images.is_cuda and images.isfinite().all()
 
 
 def read_log(path):

@@ -77,8 +77,24 @@ def test_dali_crops_have_the_pil_paths_statistics(tmp_path):
     assert (dali.mean(0) - pil.mean(0)).abs().mean() < 0.05
 
 
-def test_dali_epochs_repeat_by_seed_epoch_and_rank(tmp_path):
-    write_gradients(tmp_path, 16)
+def write_solid(root, colours):
+    """One 40x48 JPEG (quality 100) of one colour for each (class, (r, g, b)) in `colours`."""
+    for i, (label, rgb) in enumerate(colours):
+        os.makedirs(root / "train" / label, exist_ok=True)
+        pixels = np.broadcast_to(np.array(rgb, dtype=np.uint8), (40, 48, 3))
+        Image.fromarray(np.ascontiguousarray(pixels)).save(root / "train" / label / f"{i}.jpg",
+                                                           quality=100)
+
+
+def colours_of(images):
+    """(N, 3) mean RGB in grey levels of (N, 3, S, S) normalised images."""
+    mean = torch.tensor(augment.IMAGENET_MEAN)
+    std = torch.tensor(augment.IMAGENET_STD)
+    return (images.mean((2, 3)) * std + mean) * 255
+
+
+def test_dali_epochs_repeat_by_seed_epoch_and_rank_and_shard_as_the_sampler(tmp_path):
+    write_solid(tmp_path, [("a", (15 * i, 100, 200)) for i in range(16)])  # red says which
 
     def epoch(e, rank=0, seed=0):
         loader = mae_loader(tmp_path, 4, seed=seed, rank=rank, world_size=2)
@@ -87,8 +103,15 @@ def test_dali_epochs_repeat_by_seed_epoch_and_rank(tmp_path):
     first = epoch(1)
     assert first.shape == (8, 3, S, S)  # rank 0's half of 16 images
     assert torch.equal(first, epoch(1))  # a new loader (a resumed run) gives the same crops
-    for other in (epoch(2), epoch(1, rank=1), epoch(1, seed=1)):
+    for other in (epoch(2), epoch(1, seed=1)):
         assert not torch.equal(first, other)
+    files = [int(path.split("/")[-1][:-4]) for path, _ in
+             data.image_files("imagefolder", str(tmp_path), "train").samples]
+    for rank in (0, 1):  # each rank's images, in DistributedSampler's order for (seed, epoch)
+        sampler = torch.utils.data.DistributedSampler(range(16), 2, rank, seed=0, drop_last=True)
+        sampler.set_epoch(1)
+        red = colours_of(epoch(1, rank=rank))[:, 0]
+        assert (red / 15).round().long().tolist() == [files[i] for i in sampler]
 
 
 def test_dali_pretraining_runs_and_resumes_exactly(tmp_path):
@@ -234,3 +257,57 @@ def test_moco_and_finetune_run_with_dali(tmp_path, capsys):
     finetune.main(folder + ["--rand-aug", "0", "--out-dir", str(tmp_path / "ft")])
     log = [r for r in map(json.loads, open(tmp_path / "ft" / "log.jsonl")) if "loss" in r]
     assert len(log) == 8 and log[-1]["skipped_images"] == 2
+
+
+def test_dali_labels_follow_their_images_through_dali_and_pil(tmp_path):
+    colours = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}  # labels 0, 1, 2
+    write_solid(tmp_path, [(c, colours[c]) for c in colours for _ in range(4)])
+    Image.new("RGB", (40, 48), colours["green"]).save(tmp_path / "train" / "green" / "p.jpg",
+                                                      format="PNG")  # PIL decodes it
+    (tmp_path / "train" / "red" / "noise.jpg").write_bytes(  # fails DALI's whole batch
+        b"\xff\xd8" + bytes(range(256)) * 8 + b"\xff\xd9")
+    loader = mae_loader(tmp_path, 7, min_scale=0.5)
+    bad = data.BadImages(max_fraction=1.0)
+    seen = 0
+    for epoch in range(4):
+        for images, labels in loader.epoch(epoch, bad):
+            channel = colours_of(images).argmax(1)  # red 0, green 1, blue 2
+            assert channel.tolist() == [2 - label for label in labels.tolist()]
+            seen += len(labels)
+    assert (seen, bad.skipped) == (4 * 13, 4)
+
+
+def test_dali_moco_jitter_is_one_coin_for_all_four_factors(tmp_path):
+    write_solid(tmp_path, [("a", (200, 120, 60))] * 64)
+    samples = data.image_files("imagefolder", str(tmp_path), "train").samples
+    views = augment.MocoViews(S, 0.08)
+    loader = dali_loader.DaliLoader(samples, 32, 0, torch.device("cpu"),
+                                    dali_loader.moco_graph(S, 0.08), views, (2, 3, S, S),
+                                    num_workers=2)
+    dali = torch.cat([x for e in range(8) for x, _ in loader.epoch(e)])[:, 0]  # view 1: 512
+    torch.manual_seed(0)
+    source = data.load_rgb(samples[0][0])
+    pil = torch.stack([views(source)[0] for _ in range(512)])
+    for x in (dali, pil):  # neither jittered (0.2) nor grey (0.8): 0.16 of the views
+        unchanged = (colours_of(x) - torch.tensor([200.0, 120.0, 60.0])).abs().amax(1) < 3
+        assert abs(unchanged.float().mean() - 0.16) < 0.07  # 4 standard errors
+
+
+def test_dali_finetune_colour_jitter_spreads_brightness_as_the_pil_path(tmp_path):
+    # middle grey: contrast (about the image's mean grey, or DALI's 128) and saturation idle
+    write_solid(tmp_path, [("a", (128, 128, 128))] * 64)
+    samples = data.image_files("imagefolder", str(tmp_path), "train").samples
+    args = finetune.parse_args(["--img-size", str(S), "--patch-size", "4", "--rand-aug", "0",
+                                "--color-jitter", "0.4", "--reprob", "0", "--out-dir",
+                                str(tmp_path / "unused")])
+    transform = augment.train_transform(args)
+    loader = dali_loader.DaliLoader(samples, 32, 0, torch.device("cpu"),
+                                    dali_loader.finetune_graph(S, 0.08, 0.4, 0.0), transform,
+                                    (3, S, S), num_workers=2)
+    dali = colours_of(torch.cat([x for e in range(8) for x, _ in loader.epoch(e)]))[:, 0]
+    torch.manual_seed(0)
+    source = data.load_rgb(samples[0][0])
+    pil = colours_of(torch.stack([transform(source) for _ in range(512)]))[:, 0]
+    for x in (dali, pil):  # brightness x U(0.6, 1.4) of grey 128: 77..179, std 128 * 0.23
+        assert x.min() > 77 - 3 and x.max() < 179 + 3 and abs(x.std() - 29.6) < 4
+    assert abs(dali.mean() - pil.mean()) < 4 * ((dali.var() + pil.var()) / 512).sqrt()
