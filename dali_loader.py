@@ -198,7 +198,13 @@ def build_pipeline(graph, seed, batch_size, device, threads):
     with pipe:
         jpegs = dali.fn.external_source(name="jpegs", dtype=dali.types.UINT8, ndim=1)
         pipe.set_outputs(graph(dali, jpegs, gpu))
-    pipe.build()
+    try:
+        pipe.build()
+    except RuntimeError as e:  # e.g. a DALI build for another CUDA than the driver's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"DALI cannot build its pipeline on {device} ({first}): install the "
+                        "nvidia-dali build of your CUDA (nvidia-dali-cuda130 or -cuda120), or "
+                        "use --loader pil") from None
     return pipe
 
 

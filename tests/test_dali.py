@@ -311,3 +311,17 @@ def test_dali_finetune_colour_jitter_spreads_brightness_as_the_pil_path(tmp_path
     for x in (dali, pil):  # brightness x U(0.6, 1.4) of grey 128: 77..179, std 128 * 0.23
         assert x.min() > 77 - 3 and x.max() < 179 + 3 and abs(x.std() - 29.6) < 4
     assert abs(dali.mean() - pil.mean()) < 4 * ((dali.var() + pil.var()) / 512).sqrt()
+
+
+def test_a_pipeline_dali_cannot_build_is_one_line(tmp_path, monkeypatch):
+    from nvidia.dali.pipeline import Pipeline
+
+    def refuse(self):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version\n"
+                           "C++ context: ...")
+    write_gradients(tmp_path, 4)
+    monkeypatch.setattr(Pipeline, "build", refuse)
+    with pytest.raises(data.DataError) as e:
+        list(mae_loader(tmp_path, 4).epoch(0))
+    assert str(e.value).startswith("DALI cannot build its pipeline on cpu (CUDA driver version "
+                                   "is insufficient") and "\n" not in str(e.value)
