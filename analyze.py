@@ -24,10 +24,10 @@ import augment
 import data
 import plumbing
 import viewers
-from probe import layer_names, layer_representations, run_probe
 from checkpoints import CheckpointError, load_model
 from data import DATASETS, DataError
 from hiera import unroll_order
+from probe import add_probe_command, layer_names, layer_representations, run_probe
 from viewers import PALETTE, colormap, font, text_centered
 
 # ----------------------------------------------------------------------------------------------
@@ -412,23 +412,7 @@ def get_parser():
                       help="pixels (grid distance x patch size) or the papers' figures' units "
                            "(grid distance x 14, as their analysis code)")
 
-    probe = sub.add_parser("probe", parents=[common],
-                           help="frozen kNN / linear accuracy of every layer (or raw pixels)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    what = probe.add_mutually_exclusive_group()
-    what.add_argument("--ckpt", default=None, help="checkpoint of the encoder probed (or "
-                      "--random-init MODEL, or --pixels)")
-    what.add_argument("--pixels", action="store_true", help="probe raw pixels (a baseline)")
-    probe.add_argument("--model", default="vit_tiny", help="architecture of the encoder")
-    probe.add_argument("--name", default=None, help="name of the model in probe.json")
-    probe.add_argument("--labels-per-class", type=int, default=100,
-                       help="labelled training images of each class the probes fit")
-    probe.add_argument("--subset-seeds", type=int, nargs="+", default=[0],
-                       help="one labelled subset per seed (finetune.py --subset-seed's draw)")
-    probe.add_argument("--max-images", type=int, default=None,
-                       help="val images scored, evenly spaced (none: all)")
-    probe.add_argument("--linear", action="store_true",
-                       help="also a logistic regression (L-BFGS, C = 1) on each layer")
+    add_probe_command(sub, common)
 
     viewer = argparse.ArgumentParser(add_help=False, parents=[trust])
     viewer.add_argument("--ckpt", required=True, help="checkpoint file")

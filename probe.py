@@ -4,6 +4,7 @@ of mae.py and moco.py (--knn-every).
 
 knn_accuracy and linear_accuracy depend on torch alone and can be copied out.
 """
+import argparse
 import json
 import os
 import time
@@ -146,6 +147,27 @@ def feature_set(args, model, split, indices, device):
         raise ValueError(f"{len(indices) - sum(len(y) for y in labels)} unreadable images among "
                          f"the {split} images probed")
     return {i: torch.cat(f) for i, f in feats.items()}, torch.cat(labels)
+
+
+def add_probe_command(sub, common):
+    """analyze.py probe's flags (sub: analyze.py's subparsers; common: its shared flags)."""
+    probe = sub.add_parser("probe", parents=[common],
+                           help="frozen kNN / linear accuracy of every layer (or raw pixels)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = probe.add_mutually_exclusive_group()
+    what.add_argument("--ckpt", default=None, help="checkpoint of the encoder probed (or "
+                      "--random-init MODEL, or --pixels)")
+    what.add_argument("--pixels", action="store_true", help="probe raw pixels (a baseline)")
+    probe.add_argument("--model", default="vit_tiny", help="architecture of the encoder")
+    probe.add_argument("--name", default=None, help="name of the model in probe.json")
+    probe.add_argument("--labels-per-class", type=int, default=100,
+                       help="labelled training images of each class the probes fit")
+    probe.add_argument("--subset-seeds", type=int, nargs="+", default=[0],
+                       help="one labelled subset per seed (finetune.py --subset-seed's draw)")
+    probe.add_argument("--max-images", type=int, default=None,
+                       help="val images scored, evenly spaced (none: all)")
+    probe.add_argument("--linear", action="store_true",
+                       help="also a logistic regression (L-BFGS, C = 1) on each layer")
 
 
 def run_probe(args, device):
