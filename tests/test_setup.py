@@ -56,7 +56,7 @@ def test_requirements_cover_the_imports():
     local = {f[:-3] for folder in (ROOT, os.path.join(ROOT, "tests"))
              for f in os.listdir(folder) if f.endswith(".py")}
     stdlib = set(sys.stdlib_module_names)
-    pip_name = {"PIL": "pillow", "yaml": "pyyaml"}
+    pip_name = {"PIL": "pillow", "yaml": "pyyaml", "nvidia": "nvidia-dali-cuda130"}  # nvidia.dali
     runtime = requirement_names("requirements.txt")
     tests = requirement_names("requirements-test.txt") | runtime
     code = [os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")]
