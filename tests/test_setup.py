@@ -62,7 +62,8 @@ def test_requirements_cover_the_imports():
     code = [os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")]
     test_files = [os.path.join(ROOT, "tests", f) for f in os.listdir(os.path.join(ROOT, "tests"))
                   if f.endswith(".py")]
-    optional = {"timm", "safetensors", "torchcodec", "tensorboard", "nvidia", "torch_xla"}
+    optional = {"timm", "safetensors", "torchcodec", "tensorboard", "nvidia-dali-cuda130",
+                "torch_xla"}
     for name in imported(code) - local - stdlib:
         name = pip_name.get(name, name).lower()
         assert name in runtime or name in optional, f"{name} is imported but not in requirements"
