@@ -20,6 +20,7 @@ the study continues where it stopped. --mirror DIR copies each finished stage's 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import struct
@@ -294,13 +295,15 @@ class Runner:
             self.count += 1
             folder = os.path.join(self.root, name)
             marker = os.path.join(folder, "stage.json")
-            command = f"python {script}.py " + " ".join(argv)
+            command = shlex.join(["python", f"{script}.py", *argv])  # pasteable in a shell
+            # stage.json files of earlier versions hold the argv joined unquoted: still the same
+            unquoted = f"python {script}.py " + " ".join(argv)
             inputs = sorted(n for n in self.redone if os.path.join(self.root, n, "") in command)
             tag = f"[{self.count}] {name}"
             if os.path.isfile(marker) and not self.fresh:
                 done = read_json(marker)
-                if done["command"] == command and not inputs:
-                    self.results[name] = done
+                if done["command"] in (command, unquoted) and not inputs:
+                    self.results[name] = {**done, "command": command}
                     print(f"{tag}: done before ({done['seconds']:.0f} s), skipped", flush=True)
                     continue
                 why = f"reads {', '.join(inputs)}, redone now" if inputs else \

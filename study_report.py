@@ -265,8 +265,11 @@ def write_outputs(results, p, preset, root, version, gate, models, blrs):
                "validation": {n: r["numbers"]["top1"] for n, r in results.items()
                               if n.startswith("val_")}, "stages": results}
     write_json(os.path.join(root, "results.json"), summary)
+    ran = sorted({r["code_version"] for r in results.values()})  # a resumed study: several
+    code = f"Code {version}" if ran == [version] else \
+        f"Stages run by code {', '.join(ran)}, this report by {version}"
     lines = [f"# Fashion-MNIST study v2, preset `{preset}`", "",
-             f"Code {version}, {hardware()}, {total / 60:.1f} min of stage time in all. "
+             f"{code}, {hardware()}, {total / 60:.1f} min of stage time in all. "
              f"Test: {p['test_images'] or 10000} test images; held-out split: {p['heldout']} "
              "training images no stage trains on.", ""]
     for regime, rows in table.items():

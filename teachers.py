@@ -7,6 +7,7 @@ demo it points at a small MAE that mae.py pre-trains first, on the same images
 (demo_teacher_to_train says whether one is needed and with which flags).
 """
 import os
+import shlex
 
 import torch
 
@@ -61,7 +62,7 @@ def default_teacher(args, parser, demo_defaults):
             f"{args.patch_size}-px patches, so the teacher is a {DEMO_TEACHER_MODEL} MAE "
             f"pre-trained on the same images into {os.path.dirname(args.teacher)} (once; later "
             f"runs reuse it). By hand: python mae.py "
-            f"{' '.join(demo_teacher_argv(args, demo_defaults))}, then add --teacher "
+            f"{shlex.join(demo_teacher_argv(args, demo_defaults))}, then add --teacher "
             f"{args.teacher} --teacher-model {DEMO_TEACHER_MODEL}")
         return
     published = [n for n, w in weights.WEIGHTS.items() if w["model"] == args.teacher_model]
@@ -128,5 +129,5 @@ def demo_teacher_to_train(args, demo_defaults):
             plumbing.print0(f"demo teacher: {args.teacher} ({stored['epochs']} epochs), reused")
             return None
     argv = demo_teacher_argv(args, demo_defaults)
-    plumbing.print0(f"pre-training the demo teacher first: python mae.py {' '.join(argv)}")
+    plumbing.print0(f"pre-training the demo teacher first: python mae.py {shlex.join(argv)}")
     return argv + (["--resume", "auto"] if os.path.isfile(args.teacher) else [])

@@ -5,6 +5,7 @@ finetune / analyze pieces it relies on."""
 import json
 import math
 import os
+import shlex
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 import analyze
 import data
 import finetune
+import mae
+import moco
 import probe
 import study
 import study_report
@@ -40,8 +43,14 @@ def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, c
     # the validation runs fixed the lr, on the held-out split only
     assert set(results["validation"]) == {f"val_{k}_blr{b:g}" for k in ("scratch", "pretrained")
                                           for b in study.PRESETS["smoke"]["val_blrs"]}
+    scripts = {"mae.py": mae, "moco.py": moco, "finetune.py": finetune, "analyze.py": analyze}
     for name, stage in results["stages"].items():
         assert stage["command"].startswith("python ") and stage["seconds"] >= 0, name
+        # the recorded command is pasteable: a shell splits it into flags the script accepts
+        words = shlex.split(stage["command"])
+        scripts[words[1]].get_parser().parse_args(words[2:])
+        if name == "layers_teacher":
+            assert words[words.index("--name") + 1] == "MAE teacher"
         if name.startswith("val_") or name.startswith("layers_"):
             assert "data/val" in stage["command"] and "data/dev" not in stage["command"]
         if name.startswith(("few_", "many_", "calib_")):
@@ -68,6 +77,14 @@ def test_smoke_study_outputs_resumes_and_redoes_a_half_written_stage(tmp_path, c
     stale["command"] = stale["command"].replace("--epochs 1", "--epochs 2")
     with open(marker, "w") as f:
         json.dump(stale, f)
+    # earlier versions recorded the argv joined unquoted: such a stage is still done
+    marker = os.path.join(out, "layers_teacher", "stage.json")
+    with open(marker) as f:
+        old = json.load(f)
+    old["command"] = " ".join(shlex.split(old["command"]))
+    assert "--name MAE teacher " in old["command"]
+    with open(marker, "w") as f:
+        json.dump(old, f)
     capsys.readouterr()
     study.main(argv)
     log = capsys.readouterr().out
