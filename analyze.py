@@ -453,7 +453,7 @@ def get_parser():
     curves = sub.add_parser("curves", help="loss, lr and top-1 of one or more runs",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     curves.add_argument("logs", nargs="+", metavar="LOG.jsonl",
-                        help="log.jsonl files of mae.py or finetune.py runs")
+                        help="log.jsonl files of mae.py, moco.py or finetune.py runs")
     curves.add_argument("--labels", nargs="+", default=None,
                         help="one legend label a log (none given: each log's folder name)")
     curves.add_argument("--out", default="out/analysis/curves.png", help="the PNG written")

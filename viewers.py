@@ -317,7 +317,7 @@ def read_log(path):
             record = None
         if not isinstance(record, dict):
             raise LogError(f"{path} line {number} is not a JSON object: is it the log.jsonl of a "
-                           "mae.py or finetune.py run?")
+                           "mae.py, moco.py or finetune.py run?")
         records.append(record)
     if not records:
         raise LogError(f"{path} holds no records: give the log.jsonl of a run that made a step")
