@@ -492,6 +492,11 @@ def main(argv=None):
         parser.error("probe needs --ckpt CKPT, --random-init MODEL or --pixels")
     if args.command == "cka" and args.names is not None and len(args.names) > 2:
         parser.error(f"--names takes the names of A and B, not {len(args.names)}")
+    if args.command == "cka" and args.random_init and (args.b or args.model_b):
+        parser.error("--random-init is model B: give it, or --b / --model-b, not both")
+    if args.command == "cka" and args.model_b and not args.b:
+        parser.error("--model-b names the architecture of --b: give --b too (without it, A is "
+                     "compared with itself)")
     try:
         if args.command == "curves":
             viewers.run_curves(args)

@@ -354,8 +354,14 @@ def main(argv=None):
         parser.error(f"--benches names no bench: give a comma list of {', '.join(BENCHES)}")
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder: give the JSON file to write")
-    if args.out and os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    if args.out:
+        plumbing.check_out_dir(parser, os.path.dirname(args.out) or ".", "--out's folder")
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    if args.small_images > 0 and args.small_data_root != data.FASHION_MNIST_DIR:
+        try:  # a folder asked for must hold the set; the default may be absent (row skipped)
+            data.FashionMNIST(args.small_data_root, "train")
+        except data.DataError as e:
+            parser.error(f"--small-data-root: {e}")
     if unknown:
         raise SystemExit(f"error: unknown bench {', '.join(unknown)}; choose from "
                          f"{', '.join(BENCHES)}")

@@ -248,6 +248,8 @@ def split_extra_block(state, depth):
 def describe_vit(state, flag="--model"):
     """'24 blocks of width 1024, i.e. --model vit_large' for a ViT state dict: the preset to
     give to `flag` (the script's flag that names this model's architecture)."""
+    if "cls_token" not in state and preset_of(state):  # no cls token: a Hiera encoder
+        return f"a {preset_of(state)} encoder, i.e. {flag} {preset_of(state)}"
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
     depth = max(blocks) + 1 if blocks else 0
     extra = depth > 0 and split_extra_block(state, depth - 1)[1]

@@ -8,10 +8,12 @@ stops it when too many are bad). `synthetic` needs no files and is the default o
 `python mae.py`.
 """
 import gzip
+import math
 import os
 import random
 import struct
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -122,8 +124,12 @@ class FashionMNIST(Dataset):
 
     def __init__(self, root, split):
         images_file, labels_file = (self._find(root, f) for f in self.FILES[split])
-        self.images = self._read_idx(images_file)  # (N, 28, 28) uint8
-        self.labels = self._read_idx(labels_file)  # (N,) uint8
+        self.images = self._read_idx(images_file, 3)  # (N, 28, 28) uint8
+        self.labels = self._read_idx(labels_file, 1)  # (N,) uint8
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{images_file} holds {len(self.images)} images but {labels_file} "
+                            f"{len(self.labels)} labels: the files are of different sets; "
+                            "reinstall dataset-fashion-mnist or fetch the four .gz files again")
 
     @staticmethod
     def _find(root, name):
@@ -135,11 +141,22 @@ class FashionMNIST(Dataset):
                         "folder holding the IDX files")
 
     @staticmethod
-    def _read_idx(path):
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-        ndim = data[3]  # IDX header: 0, 0, dtype (8 = uint8), ndim, then ndim big-endian sizes
+    def _read_idx(path, ndim):
+        """An IDX file of uint8 with `ndim` dimensions; a truncated, corrupt or foreign file
+        raises a DataError naming it."""
+        broken = (f"{path} is not a whole Fashion-MNIST IDX file: reinstall "
+                  "dataset-fashion-mnist or fetch its four .gz files again")
+        try:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+                data = f.read()
+        except (OSError, EOFError, zlib.error):  # gzip.BadGzipFile is an OSError
+            raise DataError(broken) from None
+        # IDX header: 0, 0, dtype (8 = uint8), ndim, then ndim big-endian sizes
+        if len(data) < 4 + 4 * ndim or tuple(data[:4]) != (0, 0, 8, ndim):
+            raise DataError(broken)
         shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        if len(data) != 4 + 4 * ndim + math.prod(shape):
+            raise DataError(broken)
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
     def __len__(self):
@@ -165,6 +182,8 @@ def _imagefolder(root, split):
               f"{root}/train/<class>/<image>.JPEG); set --data-root")
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
+        if split == "train" and os.path.isdir(os.path.join(root, "val")):
+            raise DataError(f"{root} has val/ but no train/: {layout}")
         if split == "train" and os.path.isdir(root):
             folder = root  # a plain class-per-folder tree
         else:

@@ -385,14 +385,13 @@ def validate_layout(student, teacher, student_layers, teacher_layers, target, te
     if len(student_layers) != len(teacher_layers):
         raise DistillError(f"--teacher-layer names {len(teacher_layers)} blocks but "
                            f"--distill-layer {len(student_layers)}; give one teacher block each")
-    for s in student_layers:
-        if not 1 <= s <= student.depth:
-            raise DistillError(f"--distill-layer {s} is beyond the student's {student.depth} "
-                               f"blocks (choose 1..{student.depth})")
-    for t in teacher_layers:
-        if not 1 <= t <= teacher.depth:
-            raise DistillError(f"--teacher-layer {t} is beyond the teacher's {teacher.depth} "
-                               f"blocks (choose 1..{teacher.depth})")
+    for flag, layers, model, who in (("--distill-layer", student_layers, student, "student"),
+                                     ("--teacher-layer", teacher_layers, teacher, "teacher")):
+        for n in layers:
+            if not 1 <= n <= model.depth:
+                where = "is beyond" if n > model.depth else "is not a block of"
+                raise DistillError(f"{flag} {n} {where} the {who}'s {model.depth} blocks "
+                                   f"(choose 1..{model.depth})")
     if isinstance(student, Hiera):  # its MAE decodes the fused stages: every block trains
         return validate_hiera_layout(student, teacher, student_layers, teacher_layers, target)
     deepest = max(student.recon_layer, *student_layers)

@@ -322,6 +322,11 @@ def validate(args, parser):
                          f"({args.model} has {depth} blocks)")
     if (args.eval or args.export) and args.init is None:
         parser.error("--eval / --export need --init (the checkpoint to evaluate or export)")
+    if args.export and not args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        plumbing.check_out_dir(parser, args.export, "--export")
+        if os.path.isfile(os.path.join(args.export, "model.safetensors")) and not args.overwrite:
+            parser.error(f"--export {args.export} holds an earlier export (model.safetensors): "
+                         "choose another folder, or replace it with --overwrite")
     if args.init in weights.WEIGHTS and weights.WEIGHTS[args.init]["model"] != args.model:
         parser.error(f"--init {args.init} is a {weights.WEIGHTS[args.init]['model']}: drop --model "
                      f"{args.model} (or give --model {weights.WEIGHTS[args.init]['model']})")
@@ -404,7 +409,8 @@ def train(args):
         else None
     if ckpt is not None:
         module.load_state_dict(ckpt["model"])
-    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
+    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler,
+                                                     args.epochs)
     best = ckpt["best"] if ckpt is not None else {"top1": -1.0}
     model = plumbing.wrap_ddp(compiled, device)
     total_steps = args.epochs * steps_per_epoch
@@ -463,7 +469,7 @@ def train(args):
                 loop.save_checkpoint({k: v for k, v in state.items()
                                       if k not in ("optimizer", "scaler")},
                                      os.path.join(args.out_dir, "best.pth"))
-    if is_main:
+    if is_main and start_epoch < args.epochs:  # else a finished run, resumed: nothing new
         loop.finish_run(args.out_dir, log, step)
     return dict(result, best_top1=best["top1"])
 

@@ -8,7 +8,8 @@ Plain functions and one small class (LossLog); no Trainer. A loop reads:
     ckpt = loop.load_checkpoint(args.resume, args=args, same_args=ARCH_ARGS) if args.resume \
         else None
     ...build the model and optimizer, load ckpt's model state...
-    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
+    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler,
+                                                     args.epochs)
     losses = loop.LossLog(log, last_path, world_size)
     for epoch in range(start_epoch, args.epochs):
         bar = loop.epoch_batches(run_loader, args, epoch, steps_per_epoch, bad_images, rank)
@@ -120,6 +121,9 @@ def load_checkpoint(path, required=("model", "optimizer", "epoch", "step", "args
                     same_args=()):
     """Read a training checkpoint of ours for --resume; a clear error if it is not one, or if it
     was trained with other values of the flags named in same_args (compared with `args`)."""
+    if os.path.isdir(path):
+        raise RunError(f"--resume {path} is a folder: give its checkpoint.pth, or --out-dir "
+                       f"{path} --resume auto")
     if not os.path.isfile(path):
         raise RunError(f"checkpoint {path} does not exist: check --resume")
     try:
@@ -182,23 +186,36 @@ class JsonlLog:
 
 
 def open_run(args, is_main):
-    """(the run's JsonlLog, the path of its checkpoint.pth); makes --out-dir."""
+    """(the run's JsonlLog, the path of its checkpoint.pth); makes --out-dir. A new run (no
+    --resume) starts its log afresh; with --overwrite it first deletes the earlier run's
+    checkpoints (sub-folders included) and TensorBoard events, so nothing of it is mixed in.
+    (plumbing.check_new_run has refused a new run over an earlier one without --overwrite.)"""
     os.makedirs(args.out_dir, exist_ok=True)
+    if is_main and not args.resume:
+        for name in plumbing.earlier_checkpoints(args.out_dir) if args.overwrite else []:
+            os.remove(os.path.join(args.out_dir, name))
+        for name in os.listdir(args.out_dir):
+            if name == "log.jsonl" or (args.overwrite and name.startswith("events.out.tfevents")):
+                os.remove(os.path.join(args.out_dir, name))
     log = JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
                    tensorboard=args.tensorboard)
     return log, os.path.join(args.out_dir, "checkpoint.pth")
 
 
-def resume_into(ckpt, path, optimizer, scaler):
+def resume_into(ckpt, path, optimizer, scaler, epochs):
     """Load a --resume checkpoint's optimizer and scaler state (the caller loads its model):
     returns (first epoch, step, data.BadImages) to continue from; (0, 0, none) when ckpt is
-    None, a new run."""
+    None, a new run. A run that had finished its `epochs` is said to have nothing to train (the
+    caller then trains nothing and redraws nothing)."""
     if ckpt is None:
         return 0, 0, data.BadImages()
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler") and scaler.is_enabled():  # an fp32/bf16 run saved an empty one
         scaler.load_state_dict(ckpt["scaler"])
     plumbing.print0(f"resumed from {path} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    if ckpt["epoch"] + 1 >= epochs:
+        plumbing.print0(f"--resume {path}: its run had finished {ckpt['epoch'] + 1} of --epochs "
+                        f"{epochs}; nothing to train (raise --epochs to train longer)")
     return ckpt["epoch"] + 1, ckpt["step"], data.BadImages(ckpt["skipped_images"],
                                                            ckpt["seen_images"])
 

@@ -240,7 +240,8 @@ def validate(args, parser):
     if args.recon_layer == 0 and args.teacher is None:
         parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
-        parser.error(f"--recon-layer {args.recon_layer} is beyond {args.model}'s {depth} blocks "
+        where = "is beyond" if args.recon_layer > depth else "is not a block of"
+        parser.error(f"--recon-layer {args.recon_layer} {where} {args.model}'s {depth} blocks "
                      f"(choose 1..{depth})")
     for flag, name, arch, arch_flag in (("--teacher", args.teacher, args.teacher_model,
                                          "--teacher-model"),
@@ -253,7 +254,8 @@ def validate(args, parser):
     slots = (args.img_size // unit) ** 2
     if not 0 <= args.mask_ratio < 1 or int(slots * (1 - args.mask_ratio)) < 1:
         parser.error(f"--mask-ratio {args.mask_ratio} must be in [0, 1) and keep at least one of "
-                     f"the {slots} {what}")
+                     f"the {slots} {what} of {unit} px in --img-size {args.img_size} (a larger "
+                     "--img-size or a smaller ratio)")
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         parser.error(f"--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads "
                      f"{args.decoder_heads} and by 4 (sin-cos position embedding)")
@@ -420,7 +422,8 @@ def train(args):
         student.load_state_dict(ckpt["model"])
         if module is not student:
             module.load_distill_state_dict(ckpt["distill"])
-    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
+    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler,
+                                                     args.epochs)
     partial = student.recon_layer < student.depth  # some trainable weights may get no gradient
     model = plumbing.wrap_ddp(plumbing.maybe_compile(module, use_compile), device, partial)
     total_steps = args.epochs * steps_per_epoch
@@ -465,7 +468,7 @@ def train(args):
                             final=epoch + 1 == args.epochs)
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}{knn}, "
                             f"skipped images {bad_images.skipped}, saved {last_path}")
-    if is_main:
+    if is_main and start_epoch < args.epochs:  # else a finished run, resumed: nothing new
         write_figures(args, student, device)
         log.add_pictures(args.out_dir, step)
     plumbing.cleanup_distributed()

@@ -254,7 +254,8 @@ def train(args):
         else None
     if ckpt is not None:
         moco.load_state_dict(ckpt["moco"])
-    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler)
+    start_epoch, step, bad_images = loop.resume_into(ckpt, args.resume, optimizer, scaler,
+                                                     args.epochs)
     model = plumbing.wrap_ddp(plumbing.maybe_compile(moco, use_compile), device)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -297,7 +298,7 @@ def train(args):
                             final=epoch + 1 == args.epochs)
             plumbing.print0(f"epoch {epoch + 1}/{args.epochs} done, step {step}{knn}, saved "
                             f"{last_path}")
-    if is_main:
+    if is_main and start_epoch < args.epochs:  # else a finished run, resumed: nothing new
         loop.finish_run(args.out_dir, log, step)
     plumbing.cleanup_distributed()
 

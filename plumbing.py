@@ -8,6 +8,8 @@ import contextlib
 import math
 import os
 import random
+import re
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -132,7 +134,8 @@ def add_run_flags(parser, out_dir):
                         help="checkpoints, log.jsonl and the run's pictures")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an --out-dir that holds an earlier run's "
-                             "checkpoints, replacing them (without it such a run stops)")
+                             "checkpoints or log, deleting them (without it such a run stops); "
+                             "with --export, replace an earlier export")
     parser.add_argument("--resume", default=None,
                         help="continue a run exactly from a checkpoint.pth; flags not given take "
                              "its run's (auto: --out-dir's if there is one, else start)")
@@ -269,16 +272,30 @@ def check_resume_script(parser, path, script):
 
 
 def check_out_dir(parser, path, flag="--out-dir"):
-    """An output folder that is an existing file, or that cannot be created, stops at once (one
-    line), not at the first save."""
+    """An output folder that is an existing file, or that cannot be created or written, stops at
+    once (one line), not at the first save. The check writes a file there and removes what it
+    made: the run makes its folder when it starts."""
+    if not path:
+        parser.error(f"{flag} is empty: give a folder (it will be created if missing)")
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"{flag} {path} is a file: give a folder (it will be created if missing)")
     existing = os.path.abspath(path)  # the nearest part of the path that exists
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"{flag} {path} cannot be created ({existing} is not a writable folder): "
-                     "choose a writable folder")
+    if not os.path.isdir(existing):
+        parser.error(f"{flag} {path} cannot be created ({existing} is a file): choose a folder")
+    try:  # os.access says yes to root even where nothing can be written (/proc, read-only mounts)
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        parser.error(f"{flag} {path} cannot be created or written ({e.strerror}): choose a "
+                     "writable folder")
+    finally:
+        made = os.path.abspath(path)
+        while made != existing and os.path.isdir(made) and not os.listdir(made):
+            os.rmdir(made)
+            made = os.path.dirname(made)
 
 
 def earlier_checkpoints(out_dir):
@@ -292,18 +309,31 @@ def earlier_checkpoints(out_dir):
 
 
 def check_new_run(parser, args):
-    """A new run (no --resume) into a folder that holds an earlier run's checkpoints stops with
-    one line naming the choices, unless --overwrite: a finished run is never replaced silently."""
+    """A new run (no --resume) into a folder that holds an earlier run's checkpoints or log
+    stops with one line naming the choices, unless --overwrite: a finished run is never
+    replaced silently, nor a new log appended to an old one. --resume auto that found no
+    checkpoint.pth may replace a log alone (a relaunched job stopped before its first save)."""
     check_out_dir(parser, args.out_dir)
     check_tensorboard(parser, args)
     if args.resume or args.overwrite:
         return
     found = earlier_checkpoints(args.out_dir)
+    if not found and os.path.isfile(os.path.join(args.out_dir, "log.jsonl")):
+        if getattr(args, "auto_resume", False):
+            return
+        parser.error(f"--out-dir {args.out_dir} holds an earlier run's log.jsonl but no "
+                     "checkpoint (a run stopped before its first save): choose another "
+                     "--out-dir, or replace it with --overwrite")
     if found:
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        epochs = [int(m[1]) for m in map(re.compile(r"checkpoint-(\d+)\.pth").fullmatch, found)
+                  if m]  # the numbered saves of this folder, not of a sweep's sub-folders
+        cont = "--resume auto" if "checkpoint.pth" in found else None
+        if cont is None and epochs:
+            cont = f"--resume {os.path.join(args.out_dir, f'checkpoint-{max(epochs)}.pth')}"
         parser.error(f"--out-dir {args.out_dir} holds an earlier run's checkpoints ({shown}): "
-                     "continue it with --resume auto, choose another --out-dir, or replace it "
-                     "with --overwrite")
+                     + (f"continue it with {cont}, " if cont else "")
+                     + "choose another --out-dir, or replace it with --overwrite")
 
 
 def check_run_flags(parser, args, size_unit=None, writes_checkpoints=True):
@@ -384,7 +414,8 @@ def upgrade_checkpoint(ckpt):
     return ckpt
 
 
-def resumed_defaults(path, names, never=("resume", "out_dir", "init", "export", "eval")):
+def resumed_defaults(path, names, never=("resume", "auto_resume", "out_dir", "init", "export",
+                                         "eval")):
     """--resume continues a run: the defaults of the flags `names` become the values the
     checkpoint's run used (upgrade_args), so that a change of nanoMIM's defaults never changes
     a run half-way. {} for an unreadable file (the resume itself then says what is wrong)."""
@@ -414,7 +445,7 @@ def parse_layered(parser, argv, script, layers):
         parser.set_defaults(**resumed_defaults(given.resume, vars(given)))
         print0(f"--resume: flags not given take the values of the run that wrote {given.resume}")
     args = parser.parse_args(argv)
-    args.resume = given.resume
+    args.resume, args.auto_resume = given.resume, given.auto_resume
     return args, given
 
 

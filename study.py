@@ -393,9 +393,8 @@ def main(argv=None):
     source = args.data_root or data.FASHION_MNIST_DIR
     try:
         data.FashionMNIST(source, "train"), data.FashionMNIST(source, "val")
-    except data.DataError:
-        sys.exit(f"error: Fashion-MNIST not found in {source}: run `apt-get install -y "
-                 "dataset-fashion-mnist` or pass --data-root to a folder of its four .gz files")
+    except data.DataError as e:  # missing or corrupt, each with its fix
+        sys.exit(f"error: {e}")
     for folder, flag in ((args.out_dir, "--out-dir"), (args.mirror, "--mirror")):
         if folder is None:
             continue

@@ -1,6 +1,9 @@
 """Bad input, as a new user types it: every invocation below must stop with one line that names
 the fix (argparse's `prog: error: ...` or our `error: ...`), a non-zero exit and no traceback.
 The four scripts are driven in-process through main(argv)."""
+import os
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -55,6 +58,27 @@ def files(tmp_path_factory):
                 Image.new("RGB", (40, 40), (60 * i, 20, 99)).save(
                     root / "split_classes" / split / c / f"{i}.png")
     (root / "log.jsonl").write_text("")
+    # Fashion-MNIST folders with one file broken each (the slice's IDX files otherwise)
+    fmnist = os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-slice")
+    images, labels = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+    for name, broken in (("fm_truncated", {images: open(os.path.join(fmnist, images), "rb")
+                                           .read()[:20000]}),
+                         ("fm_not_gzip", {images: b"not gzip at all"}),
+                         ("fm_other_set", {labels: open(os.path.join(fmnist, "t10k-labels-idx1-"
+                                                                     "ubyte.gz"), "rb").read()})):
+        shutil.copytree(fmnist, root / name)
+        for file, content in broken.items():
+            (root / name / file).write_bytes(content)
+        paths[name] = str(root / name)
+    (root / "only_val" / "val" / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(root / "only_val" / "val" / "a" / "0.png")
+    paths["only_val"] = str(root / "only_val")
+    paths["hiera"] = str(root / "hiera.pth")
+    torch.save({"model": build_model("hiera_tiny_lite", img_size=64).state_dict()},
+               paths["hiera"])
+    (root / "export" / "model.safetensors").parent.mkdir()
+    (root / "export" / "model.safetensors").write_bytes(b"an earlier export")
+    paths["export"] = str(root / "export")
     return paths
 
 
@@ -106,7 +130,22 @@ CASES = [
     (mae, ["--resume", "{finetuned}"], "is a finetune.py checkpoint"),
     (mae, ["--lr", "1e-4", "--min-lr", "1"], "above the peak lr"),
     (mae, ["--data", "imagefolder", "--data-root", "{all_bad}", "--img-size", "32", "--patch-size", "4", "--batch-size", "4"], "made no step"),
+    # ... and a third (2026-12-03)
+    (mae, ["--data", "fashion_mnist", "--data-root", "{fm_truncated}"],
+     "is not a whole Fashion-MNIST IDX file: reinstall"),
+    (mae, ["--data", "fashion_mnist", "--data-root", "{fm_not_gzip}"],
+     "is not a whole Fashion-MNIST IDX file: reinstall"),
+    (mae, ["--data", "imagefolder", "--data-root", "{only_val}"], "has val/ but no train/"),
+    (mae, ["--recon-layer", "-1"], "--recon-layer -1 is not a block of vit_tiny's 12 blocks"),
+    (mae, ["--out-dir", "/proc/nanomim_cannot_be_here"], "cannot be created or written"),
+    (mae, ["--init", "{hiera}", "--model", "vit_tiny", "--img-size", "64", "--patch-size", "4"],
+     "i.e. --model hiera_tiny_lite"),
+    (mae, ["--model", "hiera_tiny_lite", "--img-size", "32"], "a larger --img-size"),
     # finetune.py
+    (finetune, ["--data", "fashion_mnist", "--data-root", "{fm_other_set}"],
+     "the files are of different sets"),
+    (finetune, ["--init", "{finetuned}", "--export", "{export}"],
+     "holds an earlier export (model.safetensors)"),
     (finetune, ["--mixup", "-1"], "--mixup -1.0 must be at least 0"),
     (finetune, ["--drop-path", "2"], "--drop-path 2.0 must be in [0, 1)"),
     (finetune, ["--smoothing", "1.5"], "--smoothing 1.5 must be in [0, 1)"),
@@ -144,6 +183,8 @@ CASES = [
     (bench, ["--benches", ","], "names no bench"),
     (bench, ["--compile-mode", "reduce-overhead", "--compile", "off"], "needs compiled rows"),
     (bench, ["--out", "{empty_dir}"], "is a folder"),
+    (bench, ["--out", "/proc/nanomim_cannot_be_here/b.json"], "cannot be created or written"),
+    (bench, ["--small-data-root", "{missing}"], "--small-data-root: Fashion-MNIST file"),
     # analyze.py
     (analyze, ["cka", "--a", "{missing}"], "does not exist"),
     (analyze, ["cka", "--a", "{text}"], "damaged or not a PyTorch checkpoint"),
@@ -156,6 +197,9 @@ CASES = [
     (analyze, ["cka", "--a", "{text}", "--batch-size", "3"], "--batch-size 3 must be at least 4"),
     (analyze, ["cka", "--a", "{text}", "--names", "x", "y", "z"], "--names"),
     (analyze, ["cka", "--a", "{text}", "--data", "bogus"], "invalid choice"),
+    (analyze, ["cka", "--a", "{text}", "--random-init", "vit_tiny", "--b", "{text}"],
+     "not both"),
+    (analyze, ["cka", "--a", "{text}", "--model-b", "vit_tiny"], "give --b too"),
     (analyze, ["recon", "--ckpt", "{text}", "--img-size", "-16"], "--img-size -16"),
     (analyze, ["attnmap", "--ckpt", "{text}", "--block", "0"], "--block 0 must be at least 1"),
     (analyze, ["recon", "--ckpt", "{pretrained}"], "has no decoder"),

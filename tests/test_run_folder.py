@@ -68,6 +68,61 @@ def test_an_out_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
                     os.path.join(os.path.dirname(__file__), "data", "fashion-mnist-slice")])
 
 
+def test_an_out_dir_where_nothing_can_be_written_is_one_line(tmp_path, capsys):
+    """os.access says yes to root everywhere: /proc refuses new folders even to root, and an
+    empty --out-dir would otherwise mean the current folder."""
+    for out, said in (("/proc/nanomim_cannot_be_here", "cannot be created or written"),
+                      ("", "--out-dir is empty")):
+        with pytest.raises(SystemExit) as exit_info:
+            mae.main(MAE + ["--out-dir", out])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err
+    mae.parse_args(MAE + ["--out-dir", str(tmp_path / "a" / "b")])  # the check leaves nothing
+    assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_deletes_the_whole_earlier_run(tmp_path):
+    out = tmp_path / "run"
+    mae.main(MAE + ["--epochs", "2", "--save-every", "1", "--log-every", "1",
+                    "--out-dir", str(out)])
+    assert {"checkpoint-1.pth", "checkpoint-2.pth"} <= set(os.listdir(out))
+    mae.main(MAE + ["--log-every", "1", "--out-dir", str(out), "--overwrite"])
+    assert not (out / "checkpoint-2.pth").exists()  # no epoch of the old run is left beside
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == sorted(steps) and max(steps) == 2  # 1 epoch of 2 steps, nothing appended
+
+
+def test_a_log_without_checkpoints_is_an_earlier_run_too(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"step": 99, "loss": 1.0}) + "\n")
+    with pytest.raises(SystemExit):
+        mae.main(MAE + ["--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert "log.jsonl but no checkpoint" in err and "--overwrite" in err
+    assert "step\": 99" in (out / "log.jsonl").read_text()  # untouched
+    mae.main(MAE + ["--log-every", "1", "--out-dir", str(out), "--resume", "auto"])  # relaunch
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")][0] == 1
+
+
+def test_resuming_a_finished_run_trains_and_redraws_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    mae.main(MAE + ["--epochs", "2", "--save-every", "1", "--out-dir", str(out)])
+    files = {f: digest(out / f) for f in os.listdir(out)}
+    capsys.readouterr()
+    mae.main(MAE + ["--out-dir", str(out), "--resume", "auto"])
+    assert "nothing to train (raise --epochs" in capsys.readouterr().out
+    mae.main(MAE + ["--out-dir", str(out), "--resume", str(out / "checkpoint-1.pth"),
+                    "--epochs", "1"])
+    assert {f: digest(out / f) for f in os.listdir(out)} == files
+    # only numbered saves left (checkpoint.pth removed): the error names the latest of them
+    os.remove(out / "checkpoint.pth")
+    with pytest.raises(SystemExit):
+        mae.main(MAE + ["--out-dir", str(out), "--resume", "auto"])
+    assert f"continue it with --resume {out / 'checkpoint-2.pth'}," in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is a folder: give its checkpoint.pth"):
+        mae.main(MAE + ["--out-dir", str(tmp_path / "other"), "--resume", str(out)])
+
+
 def test_pretraining_on_a_flat_folder_of_images(tmp_path, capsys):
     """--data folder: images at any depth, no class folders; a corrupt file is skipped and
     counted, as with imagefolder; fine-tuning on it is refused (no labels)."""
