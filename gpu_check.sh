@@ -6,14 +6,15 @@
 #   OUT=/path/to/results bash gpu_check.sh      # on the GPU machine
 #   OUT=/tmp/check SMALL=1 bash gpu_check.sh    # every part at toy sizes (tests/test_bench.py)
 #
-# Parts: 1. the CUDA tests (those never passed on a GPU first); 2. the MAE step, eager and compiled, at batch 256, 512 and 1024,
-# each paired with the timm-built step; 3. CUDA graphs (reduce-overhead) at 256 and 1024;
+# Parts: 1. the CUDA tests (those never passed on a GPU first); 2. the MAE step, eager and
+# compiled, at batch 256, 512 and 1024, each paired with the timm-built step; 3. CUDA graphs (reduce-overhead) at 256 and 1024;
 # 4. the input pipelines (pil, device, device with batched crops, dali) at 16 workers;
 # 5. summary.txt: what the step can take against what each loader gives.
 set -u
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
+export PYTHONUNBUFFERED=1  # logs line by line: a part cut at its limit keeps its output
 if [ "${SMALL:-0}" = 1 ]; then  # CPU: tiny sizes, no compilation, the CUDA tests not run
   STEP="--img-size 32 --patch-size 8 --steps 1 --warmup 1 --repeats 1 --small-images 0 --jpegs 0"
   COMPILE="--compile off"; GRAPHS=""; BATCHES="2 4"
@@ -38,10 +39,10 @@ if [ -n "$TESTS" ]; then
   # then the others as time allows. -v and an unbuffered Python: each result is a line in the
   # file as soon as it is known, so a cut-off keeps what ran.
   NEVER="cuda_graphs or dali_loader or device_loader or sdpa_kernels"
-  PYTHONUNBUFFERED=1 timeout 60 $PY -m pytest -v -p no:cacheprovider $TESTS -k "$NEVER" \
+  timeout 60 $PY -m pytest -v -p no:cacheprovider $TESTS -k "$NEVER" \
     > "$OUT/cuda_tests_first.txt" 2>&1
   note "1a. CUDA tests never passed on a GPU: exit $? (cuda_tests_first.txt)"
-  PYTHONUNBUFFERED=1 timeout 40 $PY -m pytest -v -p no:cacheprovider $TESTS -k "not ($NEVER)" \
+  timeout 40 $PY -m pytest -v -p no:cacheprovider $TESTS -k "not ($NEVER)" \
     > "$OUT/cuda_tests_rest.txt" 2>&1
   note "1b. the other CUDA tests, as far as 40 s go: exit $? (cuda_tests_rest.txt)"
 fi
