@@ -477,10 +477,14 @@ def train(args):
 def sweep(args):
     """Run train() once per --lr, each in its own folder; print the table of results."""
     rows = []
+    sweeping = args.lr and len(args.lr) > 1
+    if sweeping and args.overwrite and not args.resume and int(os.environ.get("RANK", "0")) == 0:
+        os.makedirs(args.out_dir, exist_ok=True)  # an earlier single run's files, beside lr*/
+        loop.clear_run(args.out_dir, keep=(args.init,))
     for lr in args.lr or [None]:
         run = copy.copy(args)
         run.lr = None if lr is None else [lr]
-        if args.lr and len(args.lr) > 1:
+        if sweeping:
             run.out_dir = os.path.join(args.out_dir, f"lr{lr:g}")
         rows.append((lr, train(run)))
     if len(rows) > 1:

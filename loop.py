@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 
 import torch
@@ -185,18 +186,33 @@ class JsonlLog:
         self.board.flush()
 
 
+# What a run of ours writes in its folder: what a new run with --overwrite deletes
+RUN_FILE = re.compile(r"checkpoint(-\d+)?\.pth|best\.pth|log\.jsonl|events\.out\.tfevents\..+")
+
+
+def clear_run(out_dir, keep=()):
+    """Delete an earlier run's files in out_dir (RUN_FILE: its checkpoints, log and TensorBoard
+    events), except the paths in `keep` (this run's --init or --teacher); other files and
+    sub-folders (other runs) are left."""
+    keep = {os.path.realpath(k) for k in keep if k}
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if RUN_FILE.fullmatch(name) and os.path.isfile(path) and os.path.realpath(path) not in keep:
+            os.remove(path)
+
+
 def open_run(args, is_main):
     """(the run's JsonlLog, the path of its checkpoint.pth); makes --out-dir. A new run (no
-    --resume) starts its log afresh; with --overwrite it first deletes the earlier run's
-    checkpoints (sub-folders included) and TensorBoard events, so nothing of it is mixed in.
-    (plumbing.check_new_run has refused a new run over an earlier one without --overwrite.)"""
+    --resume) starts its log afresh; with --overwrite it first deletes the earlier run's files
+    (clear_run), so nothing of it is mixed in. (plumbing.check_new_run has refused a new run over
+    an earlier one without --overwrite, and a log alone without --resume auto.)"""
     os.makedirs(args.out_dir, exist_ok=True)
     if is_main and not args.resume:
-        for name in plumbing.earlier_checkpoints(args.out_dir) if args.overwrite else []:
-            os.remove(os.path.join(args.out_dir, name))
-        for name in os.listdir(args.out_dir):
-            if name == "log.jsonl" or (args.overwrite and name.startswith("events.out.tfevents")):
-                os.remove(os.path.join(args.out_dir, name))
+        if args.overwrite:
+            clear_run(args.out_dir, keep=(getattr(args, "init", None),
+                                          getattr(args, "teacher", None)))
+        elif os.path.isfile(os.path.join(args.out_dir, "log.jsonl")):
+            os.remove(os.path.join(args.out_dir, "log.jsonl"))
     log = JsonlLog(os.path.join(args.out_dir, "log.jsonl"), enabled=is_main,
                    tensorboard=args.tensorboard)
     return log, os.path.join(args.out_dir, "checkpoint.pth")
@@ -214,8 +230,8 @@ def resume_into(ckpt, path, optimizer, scaler, epochs):
         scaler.load_state_dict(ckpt["scaler"])
     plumbing.print0(f"resumed from {path} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     if ckpt["epoch"] + 1 >= epochs:
-        plumbing.print0(f"--resume {path}: its run had finished {ckpt['epoch'] + 1} of --epochs "
-                        f"{epochs}; nothing to train (raise --epochs to train longer)")
+        plumbing.print0(f"--resume {path}: its run had finished its {ckpt['epoch'] + 1} epochs "
+                        f"(--epochs {epochs}); nothing to train (raise --epochs to train longer)")
     return ckpt["epoch"] + 1, ckpt["step"], data.BadImages(ckpt["skipped_images"],
                                                            ckpt["seen_images"])
 

@@ -274,16 +274,20 @@ def check_resume_script(parser, path, script):
 def check_out_dir(parser, path, flag="--out-dir"):
     """An output folder that is an existing file, or that cannot be created or written, stops at
     once (one line), not at the first save. The check writes a file there and removes what it
-    made: the run makes its folder when it starts."""
+    made (the run makes its folder when it starts); under torchrun only rank 0 probes, so the
+    ranks do not race on one folder."""
     if not path:
         parser.error(f"{flag} is empty: give a folder (it will be created if missing)")
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"{flag} {path} is a file: give a folder (it will be created if missing)")
-    existing = os.path.abspath(path)  # the nearest part of the path that exists
+    path = os.path.abspath(path)  # normalised: "a/../b" makes only b
+    existing = path  # the nearest part of the path that exists
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         parser.error(f"{flag} {path} cannot be created ({existing} is a file): choose a folder")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     try:  # os.access says yes to root even where nothing can be written (/proc, read-only mounts)
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -292,9 +296,12 @@ def check_out_dir(parser, path, flag="--out-dir"):
         parser.error(f"{flag} {path} cannot be created or written ({e.strerror}): choose a "
                      "writable folder")
     finally:
-        made = os.path.abspath(path)
+        made = path
         while made != existing and os.path.isdir(made) and not os.listdir(made):
-            os.rmdir(made)
+            try:
+                os.rmdir(made)
+            except OSError:  # someone else's file appeared in it meanwhile: leave it
+                break
             made = os.path.dirname(made)
 
 
@@ -318,12 +325,14 @@ def check_new_run(parser, args):
     if args.resume or args.overwrite:
         return
     found = earlier_checkpoints(args.out_dir)
-    if not found and os.path.isfile(os.path.join(args.out_dir, "log.jsonl")):
+    logs = sorted(os.path.relpath(os.path.join(folder, "log.jsonl"), args.out_dir)
+                  for folder, _, files in os.walk(args.out_dir) if "log.jsonl" in files)
+    if not found and logs:  # a run (or a sweep's) stopped before its first save
         if getattr(args, "auto_resume", False):
             return
-        parser.error(f"--out-dir {args.out_dir} holds an earlier run's log.jsonl but no "
-                     "checkpoint (a run stopped before its first save): choose another "
-                     "--out-dir, or replace it with --overwrite")
+        parser.error(f"--out-dir {args.out_dir} holds an earlier run's {', '.join(logs[:3])} but "
+                     "no checkpoint (a run stopped before its first save): start afresh over it "
+                     "with --resume auto or --overwrite, or choose another --out-dir")
     if found:
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         epochs = [int(m[1]) for m in map(re.compile(r"checkpoint-(\d+)\.pth").fullmatch, found)

@@ -130,4 +130,4 @@ def demo_teacher_to_train(args, demo_defaults):
             return None
     argv = demo_teacher_argv(args, demo_defaults)
     plumbing.print0(f"pre-training the demo teacher first: python mae.py {shlex.join(argv)}")
-    return argv + (["--resume", "auto"] if os.path.isfile(args.teacher) else [])
+    return argv + ["--resume", "auto"]  # a teacher cut off before or after its first save

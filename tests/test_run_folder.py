@@ -12,6 +12,7 @@ import analyze
 import finetune
 import mae
 import moco
+import plumbing
 import probe
 import study
 
@@ -89,6 +90,43 @@ def test_overwrite_deletes_the_whole_earlier_run(tmp_path):
     assert not (out / "checkpoint-2.pth").exists()  # no epoch of the old run is left beside
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == sorted(steps) and max(steps) == 2  # 1 epoch of 2 steps, nothing appended
+
+
+def test_overwrite_keeps_the_runs_init_and_other_runs_below(tmp_path):
+    """--overwrite deletes the earlier run's own files only: not the --init file it is about to
+    read, not a run in a sub-folder, not a file of the user's."""
+    out = tmp_path / "run"
+    mae.main(MAE + ["--epochs", "2", "--save-every", "1", "--out-dir", str(out)])
+    (out / "other").mkdir()
+    torch.save({"x": 1}, out / "other" / "checkpoint.pth")
+    (out / "notes.txt").write_text("mine")
+    mae.main(MAE + ["--out-dir", str(out), "--overwrite", "--init", str(out / "checkpoint-2.pth")])
+    assert (out / "other" / "checkpoint.pth").exists() and (out / "notes.txt").exists()
+    assert (out / "checkpoint-2.pth").exists() and (out / "checkpoint-1.pth").exists()  # new
+
+
+def test_a_sweep_over_an_earlier_run(tmp_path, capsys):
+    out = tmp_path / "ft"
+    sweep = FINETUNE + ["--recipe", "transfer", "--lr", "0.01,0.1", "--out-dir", str(out)]
+    (out / "lr0.1").mkdir(parents=True)
+    (out / "lr0.1" / "log.jsonl").write_text("{}\n")  # one lr's run stopped before its save
+    with pytest.raises(SystemExit):
+        finetune.main(sweep)
+    assert os.path.join("lr0.1", "log.jsonl") in capsys.readouterr().err
+    finetune.main(FINETUNE + ["--out-dir", str(out), "--overwrite"])  # a single run, then
+    finetune.main(sweep + ["--overwrite"])  # a sweep over it: the single run's files go
+    assert not (out / "checkpoint.pth").exists() and not (out / "log.jsonl").exists()
+    assert (out / "lr0.01" / "best.pth").exists() and (out / "lr0.1" / "best.pth").exists()
+
+
+def test_under_torchrun_only_rank_0_probes_the_out_dir(tmp_path, monkeypatch):
+    parser = mae.get_parser()
+    monkeypatch.setenv("RANK", "1")
+    plumbing.check_out_dir(parser, str(tmp_path / "new"))  # no probe, nothing made
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setenv("RANK", "0")
+    plumbing.check_out_dir(parser, str(tmp_path / "q" / ".." / "new"))  # normalised
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_log_without_checkpoints_is_an_earlier_run_too(tmp_path, capsys):
