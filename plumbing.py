@@ -133,9 +133,11 @@ def add_run_flags(parser, out_dir):
     parser.add_argument("--out-dir", default=out_dir,
                         help="checkpoints, log.jsonl and the run's pictures")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in an --out-dir that holds an earlier run's "
-                             "checkpoints or log, deleting them (without it such a run stops); "
-                             "with --export, replace an earlier export")
+                        help="start a new run in an --out-dir that holds an earlier run, "
+                             "deleting that run's checkpoints, log and TensorBoard events (not "
+                             "this run's --init / --teacher, not runs in sub-folders); without "
+                             "it such a run stops (finetune.py --export: replace an earlier "
+                             "export)")
     parser.add_argument("--resume", default=None,
                         help="continue a run exactly from a checkpoint.pth; flags not given take "
                              "its run's (auto: --out-dir's if there is one, else start)")
