@@ -63,7 +63,9 @@ def draw_curves(series, title, path=None, width=520, height=300, xlabel=None):
     points = [pt for pts in series.values() for pt in pts] or [(0, 0)]  # empty: axes 0..1
     x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
     y0, y1 = min(y for _, y in points), max(y for _, y in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    # a flat series gets a span of its own size (x0 + 1 == x0 once |x0| > 1e16)
+    x1 = x1 if x1 > x0 else x0 + max(1.0, abs(x0))
+    y1 = y1 if y1 > y0 else y0 + max(1.0, abs(y0))
     draw.rectangle([left, top, right, bottom], outline="black")
     draw.text((left, 8), title, fill="black")
     draw.text((4, top), f"{y1:.3g}", fill="black")

@@ -318,3 +318,11 @@ def test_trust_checkpoint_reaches_every_reader(tmp_path, micro):
         analyze.main([*argv, "--trust-checkpoint"])
     for command in (["cka", "--a", "x.pth"], ["attn"]):
         assert analyze.get_parser().parse_args([*command, "--trust-checkpoint"]).trust_checkpoint
+
+
+def test_a_flat_series_of_huge_values_is_drawn(tmp_path):
+    """x0 + 1 == x0 once |x0| > 1e16: a flat run of a diverged loss must still draw."""
+    for value in (1e20, -1e20, 0.0, 3.0):
+        img = viewers.draw_curves({"run": [(1, value), (2, value)], "flat x": [(5e17, value)]},
+                                  "loss", tmp_path / "c.png")
+        assert img.size == (520, 300) and (tmp_path / "c.png").stat().st_size > 0
