@@ -249,7 +249,7 @@ class DaliLoader:
         order = list(self.sampler)
         batches = [order[i:i + self.batch_size]
                    for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
-        return Readable(self.decoded_batches(epoch, batches), bad_images)
+        return Readable(self.decoded_batches(epoch, batches), bad_images, single=False)
 
     def pipeline(self, epoch, batch=0):
         return build_pipeline(self.graph, epoch_seed(self.seed, epoch, self.rank, batch),

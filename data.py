@@ -388,6 +388,7 @@ class Loader:
         else:  # evaluation: each image exactly once over all processes (DistributedSampler would
             sampler = range(rank, len(dataset), world_size)  # repeat some to even out the shards)
         self.sampler = EpochTagged(sampler)
+        self.training = drop_last
         self.loader = DataLoader(EpochSeeded(dataset, seed, rank), batch_size=batch_size,
                                  sampler=self.sampler, num_workers=num_workers,
                                  collate_fn=collate_skipping_bad, drop_last=drop_last,
@@ -403,7 +404,7 @@ class Loader:
     def epoch(self, epoch, bad_images=None):
         """Epoch `epoch`'s (images, labels); iterate it before calling epoch() again."""
         self.sampler.set_epoch(epoch)
-        return Readable(self.loader, bad_images)
+        return Readable(self.loader, bad_images, single=not self.training)
 
 
 class EpochTagged(torch.utils.data.Sampler):
@@ -472,17 +473,20 @@ def seed_worker(seed, epoch, rank, worker_id):
 
 class Readable:
     """Iterates a loader of (images, labels, n_bad) as (images, labels): the unreadable images
-    are counted into bad_images (if given) and a batch with no readable image is left out."""
+    are counted into bad_images (if given) and a batch with no readable image is left out; in
+    training (single=False) so is one that unreadable files left with a single image, which
+    BatchNorm layers (MoCo-v3's heads, linear probing's) cannot train on."""
 
-    def __init__(self, batches, bad_images=None):
+    def __init__(self, batches, bad_images=None, single=True):
         self.batches = batches
         self.bad_images = bad_images
+        self.single = single
 
     def __iter__(self):
         for imgs, labels, n_bad in self.batches:
             if self.bad_images is not None:
                 self.bad_images.add(n_bad, n_bad + (0 if imgs is None else len(imgs)))
-            if imgs is not None:
+            if imgs is not None and (self.single or len(imgs) > 1 or n_bad == 0):
                 yield imgs, labels
 
 

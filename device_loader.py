@@ -231,7 +231,7 @@ class DeviceLoader:
     def epoch(self, epoch, bad_images=None):
         """One epoch of (images, labels) on the device, as make_loader's."""
         self.sampler.set_epoch(epoch)
-        return Readable(self.decoded_batches(), bad_images)
+        return Readable(self.decoded_batches(), bad_images, single=False)
 
     def decoded_batches(self):
         for blobs, labels, n_unread in self.loader:

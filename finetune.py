@@ -238,6 +238,14 @@ def parse_args(argv=None):
         return found
 
     args, given = plumbing.parse_layered(parser, argv, "finetune.py", layers)
+    source = init_source_args(given.init) if given.init and (args.eval or args.export) else {}
+    if "recipe" in source:  # one of our fine-tuned files, scored or exported as it was trained
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
+                   ("recipe", "global_pool", "rel_pos", "keep_blocks")
+                   if getattr(args, k) != source.get(k, parser.get_default(k))]
+        if changed:
+            parser.error(f"--eval / --export use {given.init} as it was fine-tuned: drop "
+                         f"{', '.join(changed)} (it would change the model, not score it)")
     if given.auto_resume and args.lr is not None and len(args.lr) > 1:
         parser.error("--resume auto continues one run: with an lr sweep, give each lr its own "
                      "run (--lr 0.01 --out-dir OUT/lr0.01 --resume auto)")
@@ -322,6 +330,16 @@ def validate(args, parser):
                          f"({args.model} has {depth} blocks)")
     if (args.eval or args.export) and args.init is None:
         parser.error("--eval / --export need --init (the checkpoint to evaluate or export)")
+    if args.recipe == "linprobe" and not (args.eval or args.export):  # the backbone is frozen
+        if args.keep_blocks is not None or args.rel_pos:
+            parser.error("--recipe linprobe freezes the pre-trained backbone: --keep-blocks / "
+                         "--rel-pos would freeze freshly initialised weights; drop them")
+        if args.layer_decay != 1:
+            parser.error(f"--layer-decay {args.layer_decay} has no effect with --recipe linprobe "
+                         "(only the head trains): drop it")
+        if args.batch_size < 2:
+            parser.error("--recipe linprobe trains a BatchNorm head, which needs at least 2 "
+                         "images a batch: --batch-size 2 or more")
     if args.export and not args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
         plumbing.check_out_dir(parser, args.export, "--export")
         if os.path.isfile(os.path.join(args.export, "model.safetensors")) and not args.overwrite:

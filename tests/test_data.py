@@ -378,3 +378,15 @@ def test_each_script_builds_its_loaders_once_a_run(script, tmp_path, loaders_bui
         assert loaders_built == {"built": [False, True], "passes": [0, 0, 1]}
     else:
         assert loaders_built == {"built": [True], "passes": [0, 1]}
+
+
+def test_a_training_batch_left_with_one_image_by_bad_files_is_left_out():
+    """BatchNorm layers (MoCo-v3's heads, linear probing's) cannot train on one image; a batch
+    of one by design (batch size 1, or evaluation) is kept."""
+    one, two = torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    batches = [(one, torch.zeros(1), 3), (two, torch.zeros(2), 1), (one, torch.zeros(1), 0),
+               (None, None, 4)]
+    bad = data.BadImages(tolerance=100)
+    kept = list(data.Readable(batches, bad, single=False))
+    assert [len(b[0]) for b in kept] == [2, 1] and (bad.skipped, bad.seen) == (8, 12)
+    assert [len(b[0]) for b in data.Readable(batches, single=True)] == [1, 2, 1]
