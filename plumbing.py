@@ -38,11 +38,21 @@ def setup_distributed():
     The device is default_device()."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    launch = "launch with torchrun --nproc_per_node N (it sets them all), or unset them"
+    if not 0 <= rank < world_size:
+        raise RunError(f"the environment says RANK={rank} of WORLD_SIZE={world_size}: {launch}")
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if launched and missing and not dist.is_initialized():
+        raise RunError(f"WORLD_SIZE={world_size} asks for several processes but "
+                       f"{' and '.join(missing)} is not set: {launch}")
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
     if launched and not dist.is_initialized():
+        if rank == 0:  # init_process_group waits, silently, until every process has joined
+            print(f"waiting for the {world_size} processes at {os.environ['MASTER_ADDR']}:"
+                  f"{os.environ['MASTER_PORT']} to join", flush=True)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
 

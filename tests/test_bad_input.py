@@ -241,3 +241,22 @@ def test_bad_input_stops_with_one_line_naming_the_fix(script, argv, expected, fi
 
 def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40 and {s for s, _, _ in CASES} == {mae, finetune, bench, analyze}
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT is not set: launch with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
+    ({"RANK": "1"}, "RANK=1 of WORLD_SIZE=1: launch with torchrun"),
+], ids=["world-size-alone", "no-port", "rank-alone"])
+def test_a_distributed_environment_without_torchrun_is_one_line(env, expected, monkeypatch,
+                                                                tmp_path, capsys):
+    """torch.distributed would raise deep inside (or wait forever) on a half-set environment."""
+    for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stopped:
+        mae.main(["--out-dir", str(tmp_path / "out"), "--num-workers", "0", "--epochs", "1",
+                  "--synthetic-size", "16", "--img-size", "16", "--batch-size", "8"])
+    assert expected in str(stopped.value.code) and "\n" not in str(stopped.value.code)
+    assert "Traceback" not in capsys.readouterr().err
