@@ -72,8 +72,9 @@ def check_teacher_fits(state, path, img_size, patch_size):
     resized position table would run, but on images at a scale the teacher never saw."""
     weight = state.get("patch_embed.proj.weight")
     pos = state.get("pos_embed")
-    if weight is None or pos is None or weight.ndim != 4 or pos.ndim != 3:
-        return  # load_pretrained names what is missing
+    if weight is None or pos is None or weight.ndim != 4 or pos.ndim != 3 \
+            or "cls_token" not in state:
+        return  # not a ViT's (Hiera's has no cls token): load_pretrained names what it is
     teacher_patch = weight.shape[-1]
     side = math.isqrt(pos.shape[1] - 1)
     teacher_img = side * teacher_patch if side * side == pos.shape[1] - 1 else img_size

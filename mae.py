@@ -239,6 +239,19 @@ def validate(args, parser):
                      "ratio in (0, 1) (MAE's: 0.75)")
     if args.recon_layer == 0 and args.teacher is None:
         parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
+    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
+              ("distill_target", "distill_on", "distill_weight", "teacher_input", "teacher_model")
+              if getattr(args, k) != parser.get_default(k)]
+    if args.teacher is None and unused:
+        parser.error(f"{', '.join(unused)} shape distillation, and this run has no teacher: add "
+                     "--distill-layer 12 (the default teacher) or --teacher FILE, or drop them")
+    if args.distill_on == "probs" and args.distill_target != "attn":
+        parser.error(f"--distill-on probs compares attention maps: it needs --distill-target attn, "
+                     f"not {args.distill_target}")
+    for flag, blocks in (("--distill-layer", args.distill_layer),
+                         ("--teacher-layer", args.teacher_layer)):
+        if blocks and len(set(blocks)) != len(blocks):
+            parser.error(f"{flag} {','.join(map(str, blocks))} names a block twice: name each once")
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
         where = "is beyond" if args.recon_layer > depth else "is not a block of"
         parser.error(f"--recon-layer {args.recon_layer} {where} {args.model}'s {depth} blocks "

@@ -141,6 +141,13 @@ CASES = [
     (mae, ["--init", "{hiera}", "--model", "vit_tiny", "--img-size", "64", "--patch-size", "4"],
      "i.e. --model hiera_tiny_lite"),
     (mae, ["--model", "hiera_tiny_lite", "--img-size", "32"], "a larger --img-size"),
+    (mae, ["--distill-on", "probs"], "shape distillation, and this run has no teacher"),
+    (mae, ["--distill-weight", "5", "--teacher-input", "full"], "--teacher-input full shape"),
+    (mae, ["--teacher", "{nan_teacher}", "--teacher-model", "vit_tiny", "--distill-target",
+           "rep", "--distill-on", "probs"], "--distill-on probs compares attention maps"),
+    (mae, ["--distill-layer", "6,6"], "names a block twice"),
+    (mae, ["--teacher", "{hiera}", "--img-size", "64", "--patch-size", "4", "--batch-size", "2",
+           "--synthetic-size", "4"], "i.e. --teacher-model hiera_tiny_lite"),
     # finetune.py
     (finetune, ["--data", "fashion_mnist", "--data-root", "{fm_other_set}"],
      "the files are of different sets"),
