@@ -262,6 +262,12 @@ def validate(args, parser):
         if name in weights.WEIGHTS and weights.WEIGHTS[name]["model"] != arch:
             parser.error(f"{flag} {name} is a {weights.WEIGHTS[name]['model']}: drop {arch_flag} "
                          f"{arch} (or give {arch_flag} {weights.WEIGHTS[name]['model']})")
+    stated = weights.stated_args(args.teacher) if args.teacher else {}
+    if stated and (stated["img_size"], stated["patch_size"]) != (args.img_size, args.patch_size):
+        parser.error(f"--teacher {args.teacher} sees {stated['img_size']}-px images in "
+                     f"{stated['patch_size']}-px patches: give the student --img-size "
+                     f"{stated['img_size']} --patch-size {stated['patch_size']}, or a teacher "
+                     "pre-trained at the student's size (--teacher FILE)")
     unit, what = (facts["size_unit"], "mask units") if facts["size_unit"] else \
         (args.patch_size, "patches")
     slots = (args.img_size // unit) ** 2

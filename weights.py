@@ -1,6 +1,7 @@
 """weights.py: published weights by name: the registry, the download into the hub cache, the checks.
 
     python mae.py --list-weights                          # the names, architectures, licences
+    python weights.py mae_vit_base                        # download into the cache ahead of time
     python mae.py --data imagefolder --data-root DIR --teacher mae_vit_base --distill-layer 12
     python finetune.py --init mae_vit_base --data imagefolder --data-root DIR
 
@@ -13,6 +14,7 @@ leaves a file that looks whole. After that it is just a path: the same strict lo
 import argparse
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -223,3 +225,26 @@ class ListWeights(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(weights_table())
         parser.exit()
+
+
+def main(argv=None):
+    """python weights.py: the table; python weights.py NAME...: each file into the cache (on a
+    machine with internet, ahead of a run on one without)."""
+    parser = argparse.ArgumentParser(description="published weights by name: list them, or "
+                                     "download some into torch's hub cache")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"weights to download ({names_text()}); none: list them")
+    args = parser.parse_args(argv)
+    if not args.names:
+        print(weights_table())
+    for name in args.names:
+        if name not in WEIGHTS:
+            parser.error(f"unknown name {name}: the names are {names_text()}")
+        try:
+            print(f"{name}: {resolve(name, 'weights.py')}")
+        except WeightsError as e:
+            sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

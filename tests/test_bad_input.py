@@ -146,6 +146,8 @@ CASES = [
     (mae, ["--teacher", "{nan_teacher}", "--teacher-model", "vit_tiny", "--distill-target",
            "rep", "--distill-on", "probs"], "--distill-on probs compares attention maps"),
     (mae, ["--distill-layer", "6,6"], "names a block twice"),
+    (mae, ["--teacher", "mae_vit_base", "--img-size", "32", "--patch-size", "4"],
+     "sees 224-px images in 16-px patches: give the student --img-size 224"),  # no download
     (mae, ["--teacher", "{hiera}", "--img-size", "64", "--patch-size", "4", "--batch-size", "2",
            "--synthetic-size", "4"], "i.e. --teacher-model hiera_tiny_lite"),
     # finetune.py

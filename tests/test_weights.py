@@ -238,3 +238,14 @@ def test_init_with_other_patches_names_the_patch_size(tmp_path):
     with pytest.raises(CheckpointError, match="8-px patches but this model into 4-px ones: use "
                                               "--patch-size 8 --img-size 32"):
         load_pretrained(ViT(img_size=32, patch_size=4), str(path), verbose=False)
+
+
+def test_weights_py_lists_and_downloads_ahead_of_a_run(published, capsys):
+    entry, source, cache = published
+    weights.main([])
+    assert "tiny_mae" in capsys.readouterr().out and cached_files(cache) == []
+    weights.main(["tiny_mae"])
+    assert cached_files(cache) == ["tiny_mae.pth"]
+    with pytest.raises(SystemExit) as stopped:
+        weights.main(["mae_vit_bse"])
+    assert stopped.value.code == 2 and "the names are tiny_mae" in capsys.readouterr().err
