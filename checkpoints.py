@@ -463,9 +463,10 @@ def load_model(path, model_name, img_size, patch_size, seed=0, trust=False, chec
         state, heads = checkpoint or read_checkpoint(path, trust)
     pool = "avg" if state is not None and "fc_norm.weight" in state and "norm.weight" not in state \
         else "token"
+    rel_pos = state is not None and any(k.endswith(REL_POS_KEY) for k in state)  # fine-tuned so
     torch.manual_seed(seed)
     vit = build_model(model_name, img_size=img_size, patch_size=patch_size, global_pool=pool,
-                      num_classes=0)
+                      num_classes=0, rel_pos=rel_pos)
     if state is not None:
         try:
             report = load_pretrained(vit, state, verbose=False, heads=heads, flag=flag)

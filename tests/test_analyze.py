@@ -131,3 +131,21 @@ def test_cli_writes_json_and_pngs(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         analyze.main(["cka", "--a", str(tmp_path / "missing.pth"), *common])
     assert "does not exist" in str(exit_info.value.code)
+
+
+def test_a_fine_tuned_file_with_relative_positions_is_analysed_with_them(tmp_path):
+    """finetune.py --rel-pos files: the analyses build the model with the tables the file has
+    (a model without them would refuse the file)."""
+    import checkpoints
+    from presets import build_model
+
+    torch.manual_seed(0)
+    tuned = build_model("vit_tiny", img_size=16, patch_size=4, rel_pos=True, num_classes=0)
+    for name, p in tuned.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            p.data.normal_()
+    path = tmp_path / "relpos.pth"
+    torch.save({"model": tuned.state_dict()}, path)
+    loaded = checkpoints.load_model(str(path), "vit_tiny", 16, 4)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.forward_features(x)[0], tuned.eval().forward_features(x)[0])
