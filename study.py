@@ -383,7 +383,9 @@ def get_parser():
                    help="also copy each finished stage's record, and the results, to DIR (a "
                         "cut-off run still leaves what it did there; e.g. a GPU job's $OUT)")
     p.add_argument("--until", default=None, choices=["pretrain", "probes", "finetune"],
-                   help="stop after this phase (the rest continues on the next call)")
+                   help="stop after this phase (the rest continues on the next call): pretrain "
+                        "(every pre-training, with the probes the teacher gate reads), probes "
+                        "(and the students' layer probes), finetune")
     return p
 
 
@@ -395,7 +397,11 @@ def main(argv=None):
         data.FashionMNIST(source, "train"), data.FashionMNIST(source, "val")
     except data.DataError as e:  # missing or corrupt, each with its fix
         sys.exit(f"error: {e}")
-    for folder, flag in ((args.out_dir, "--out-dir"), (args.mirror, "--mirror")):
+    mirror, out = (os.path.realpath(f) + os.sep for f in (args.mirror or ".", args.out_dir))
+    if args.mirror and mirror.startswith(out):  # the same folder, or one inside it
+        sys.exit(f"error: --mirror {args.mirror} and --out-dir {args.out_dir} overlap (a stage "
+                 "redone would delete records): give --mirror a folder outside --out-dir")
+    for folder, flag in ((args.mirror, "--mirror"), (args.out_dir, "--out-dir")):
         if folder is None:
             continue
         if os.path.exists(folder) and not os.path.isdir(folder):
@@ -420,7 +426,8 @@ def main(argv=None):
         models = ["mae", "moco"]
         if gate["passed"]:
             runner.run(distilled_stages(p, root, common))
-            runner.run(layer_probe_stages(p, root, val, students(p)))
+            if args.until != "pretrain":  # (the gate above needed the first models' probes)
+                runner.run(layer_probe_stages(p, root, val, students(p)))
             models = ["mae", *students(p), "moco"]
         else:
             print("the distilled students are not trained: the teacher is not stronger than "

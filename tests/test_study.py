@@ -116,6 +116,7 @@ def test_gpu_preset_orchestration_at_a_reduced_size(tmp_path, monkeypatch, fmnis
     passed = study_report.teacher_gate(stages, small)["passed"]  # the gate decides the students
     assert ("pretrain_tinymim.json" in records) == ("pretrain_d2mae.json" in records) == passed
     assert not any(n.startswith(("few_", "many_", "val_")) for n in records)  # --until pretrain
+    assert not {"layers_d2mae.json", "layers_tinymim.json"} & records  # the students' probes
 
 
 def test_paired_statistics_by_hand():
@@ -226,6 +227,11 @@ def test_bad_input_is_one_line(tmp_path, capsys, fmnist_slice):
     with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
         study.main(["--preset", "smoke", "--data-root", str(tmp_path), "--out-dir",
                     str(tmp_path / "o")])
+    for mirror in (tmp_path / "o", tmp_path / "o" / "pretrain_mae"):  # deleted by a redone stage
+        with pytest.raises(SystemExit, match="overlap"):
+            study.main(["--preset", "smoke", "--data-root", fmnist_slice, "--out-dir",
+                        str(tmp_path / "o"), "--mirror", str(mirror)])
+    assert not (tmp_path / "o").exists()  # nothing made before the check
     with pytest.raises(SystemExit) as exit_info:
         study.main(["--preset", "huge"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
