@@ -479,8 +479,8 @@ def main(argv=None):
     plumbing.check_ranges(parser, args, {k: v for k, v in RANGES[args.command].items()
                                          if hasattr(args, k)})
     if args.command == "curves":
-        if not args.out.endswith(".png"):
-            parser.error(f"--out {args.out} must name a .png file")
+        if not args.out.lower().endswith(".png") or os.path.basename(args.out).lower() == ".png":
+            parser.error(f"--out {args.out} must name a .png file (curves.png)")
         plumbing.check_out_dir(parser, os.path.dirname(args.out) or ".", "--out's folder")
         if args.labels is not None and len(args.labels) != len(args.logs):
             parser.error(f"--labels gives {len(args.labels)} labels for {len(args.logs)} logs")

@@ -365,6 +365,8 @@ def write_curves(log_paths, png_path, labels=None):
     a log with one record, or none, draws what it has. Raises LogError for a missing or
     unreadable log, ValueError when labels and logs differ in number."""
     log_paths = [log_paths] if isinstance(log_paths, (str, os.PathLike)) else list(log_paths)
+    if len({os.path.abspath(p) for p in log_paths}) != len(log_paths):
+        raise ValueError("a log is given twice: give each log once")
     labels = list(labels) if labels else run_labels(log_paths)
     if len(labels) != len(log_paths) or len(set(labels)) != len(labels):
         raise ValueError(f"--labels names {len(labels)} runs for {len(log_paths)} logs: give one "

@@ -222,6 +222,8 @@ CASES = [
     (analyze, ["recon", "--ckpt", "{pretrained}"], "has no decoder"),
     (analyze, ["curves", "{empty_log}"], "holds no records"),
     (analyze, ["curves", "{empty_log}", "--out", "c.txt"], "must name a .png"),
+    (analyze, ["curves", "{empty_log}", "--out", ".png"], "must name a .png"),
+    (analyze, ["curves", "{empty_log}", "{empty_log}"], "a log is given twice"),
 ]
 
 
