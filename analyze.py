@@ -373,6 +373,9 @@ def run_attn(args, device):
     plumbing.print0(f"wrote {args.out_dir}/attn.json, attn_distance.png and attn_entropy.png")
 
 
+NUM_IMAGES = 1024  # what cka and attn analyse by default
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="CKA and attention analyses, and viewers of a run "
                                             "(nanoMIM).",
@@ -386,7 +389,8 @@ def get_parser():
     common.add_argument("--data", default="synthetic", choices=DATASETS,
                         help="dataset; its val split")
     common.add_argument("--data-root", default=None, help="dataset folder")
-    common.add_argument("--num-images", type=int, default=1024, help="images analysed")
+    common.add_argument("--num-images", type=int, default=NUM_IMAGES, help="images analysed "
+                        "(cka, attn; probe: --max-images)")
     common.add_argument("--batch-size", type=int, default=64, help="images per batch")
     common.add_argument("--img-size", type=int, default=224, help="input size in pixels")
     common.add_argument("--patch-size", type=int, default=16, help="patch size in pixels")
@@ -488,8 +492,18 @@ def main(argv=None):
         plumbing.check_out_dir(parser, args.out_dir)
     if args.command == "probe" and args.data == "folder":
         parser.error("--data folder has no labels: probes need class folders (--data imagefolder)")
-    if args.command == "probe" and not (args.ckpt or args.pixels or args.random_init):
-        parser.error("probe needs --ckpt CKPT, --random-init MODEL or --pixels")
+    if args.command == "probe":
+        given = [f for f, v in (("--ckpt", args.ckpt), ("--random-init", args.random_init),
+                                ("--pixels", args.pixels)) if v]
+        if len(given) != 1:
+            parser.error("probe needs one of --ckpt CKPT, --random-init MODEL or --pixels"
+                         + (f", not {' and '.join(given)}" if given else ""))
+        if len(set(args.subset_seeds)) != len(args.subset_seeds):
+            parser.error(f"--subset-seeds {' '.join(map(str, args.subset_seeds))} repeats a seed "
+                         "(the same subset): give each once")
+        if args.num_images != NUM_IMAGES:
+            parser.error("probe scores --max-images validation images (--num-images is cka's "
+                         "and attn's)")
     if args.command == "cka" and args.names is not None and len(args.names) > 2:
         parser.error(f"--names takes the names of A and B, not {len(args.names)}")
     if args.command == "cka" and args.random_init and (args.b or args.model_b):

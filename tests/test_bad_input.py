@@ -223,6 +223,10 @@ CASES = [
     (analyze, ["curves", "{empty_log}"], "holds no records"),
     (analyze, ["curves", "{empty_log}", "--out", "c.txt"], "must name a .png"),
     (analyze, ["curves", "{empty_log}", "--out", ".png"], "must name a .png"),
+    (analyze, ["probe", "--ckpt", "{text}", "--random-init", "vit_tiny"],
+     "not --ckpt and --random-init"),
+    (analyze, ["probe", "--pixels", "--subset-seeds", "1", "1"], "repeats a seed"),
+    (analyze, ["probe", "--pixels", "--num-images", "16"], "probe scores --max-images"),
     (analyze, ["curves", "{empty_log}", "{empty_log}"], "a log is given twice"),
 ]
 
