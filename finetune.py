@@ -241,8 +241,10 @@ def parse_args(argv=None):
     source = init_source_args(given.init) if given.init and (args.eval or args.export) else {}
     if "recipe" in source:  # one of our fine-tuned files, scored or exported as it was trained
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
-                   ("recipe", "global_pool", "rel_pos", "keep_blocks")
+                   ("recipe", "global_pool", "rel_pos")
                    if getattr(args, k) != source.get(k, parser.get_default(k))]
+        # the file's kept blocks are its trained weights; --keep-blocks would re-draw the rest
+        changed += [f"--keep-blocks {args.keep_blocks}"] if args.keep_blocks is not None else []
         if changed:
             parser.error(f"--eval / --export use {given.init} as it was fine-tuned: drop "
                          f"{', '.join(changed)} (it would change the model, not score it)")

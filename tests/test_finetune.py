@@ -285,3 +285,22 @@ def test_bf16_autocast_with_rel_pos_runs_on_cpu(tmp_path):
                           str(tmp_path)])
     log = read_log(tmp_path / "log.jsonl")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)
+
+
+def test_eval_of_a_keep_blocks_fine_tune_scores_it_as_trained(tmp_path, capsys):
+    """The file holds every block (the kept ones and those re-drawn and trained): --eval reads
+    them all, and a --keep-blocks typed again would re-draw the later ones, so it is refused."""
+    path = str(tmp_path / "init.pth")
+    random_vit_file(path)
+    out = tmp_path / "keep2"
+    finetune.main(FAST + ["--init", path, "--keep-blocks", "2", "--epochs", "1",
+                          "--warmup-epochs", "0", "--out-dir", str(out)])
+    ckpt = str(out / "checkpoint.pth")
+    args = finetune.parse_args(["--init", ckpt, "--eval"])
+    assert args.keep_blocks is None
+    model = classifier.prepare_model(args, 10, torch.device("cpu"))
+    saved = torch.load(ckpt)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--init", ckpt, "--eval", "--keep-blocks", "2"])
+    assert "drop --keep-blocks 2" in capsys.readouterr().err

@@ -104,6 +104,10 @@ def test_gpu_preset_orchestration_at_a_reduced_size(tmp_path, monkeypatch, fmnis
     small = dict(study.PRESETS["smoke"], teacher=gpu["teacher"], relation=gpu["relation"],
                  reserved=gpu["reserved"][:2], workers=0, pretrain_images=64, teacher_epochs=1)
     monkeypatch.setitem(study.PRESETS, "gpu", small)
+    # a one-epoch teacher on 64 images fails the gate; passed here, so the students' stages run
+    gate = study.teacher_gate
+    monkeypatch.setattr(study, "teacher_gate", lambda results, p: {**gate(results, p),
+                                                                   "passed": True})
     mirror = tmp_path / "OUT"
     study.main(["--preset", "gpu", "--data-root", fmnist_slice, "--out-dir",
                 str(tmp_path / "study"), "--mirror", str(mirror), "--until", "pretrain"])
@@ -112,11 +116,9 @@ def test_gpu_preset_orchestration_at_a_reduced_size(tmp_path, monkeypatch, fmnis
             "calib_pixels_few.json", "layers_teacher.json"} <= records
     teacher = json.load(open(mirror / "stages" / "pretrain_teacher.json"))
     assert "--model vit_base" in teacher["command"] and "--lr 0.000375" in teacher["command"]
-    stages = {n[:-5]: json.load(open(mirror / "stages" / n)) for n in records}
-    passed = study_report.teacher_gate(stages, small)["passed"]  # the gate decides the students
-    assert ("pretrain_tinymim.json" in records) == ("pretrain_d2mae.json" in records) == passed
+    assert {"pretrain_tinymim.json", "pretrain_d2mae.json"} <= records  # the gate passed
     assert not any(n.startswith(("few_", "many_", "val_")) for n in records)  # --until pretrain
-    assert not {"layers_d2mae.json", "layers_tinymim.json"} & records  # the students' probes
+    assert not {"layers_d2mae.json", "layers_tinymim.json"} & records  # nor the students' probes
 
 
 def test_paired_statistics_by_hand():
