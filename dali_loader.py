@@ -230,7 +230,7 @@ class DaliLoader:
         self.samples = samples
         self.batch_size = batch_size
         self.seed = seed
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.device = device
         self.graph = graph
         self.fallback = fallback
@@ -249,7 +249,7 @@ class DaliLoader:
         order = list(self.sampler)
         batches = [order[i:i + self.batch_size]
                    for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
-        return Readable(self.decoded_batches(epoch, batches), bad_images, single=False)
+        return Readable(self.decoded_batches(epoch, batches), bad_images, single=self.world_size > 1)
 
     def pipeline(self, epoch, batch=0):
         return build_pipeline(self.graph, epoch_seed(self.seed, epoch, self.rank, batch),

@@ -388,7 +388,10 @@ class Loader:
         else:  # evaluation: each image exactly once over all processes (DistributedSampler would
             sampler = range(rank, len(dataset), world_size)  # repeat some to even out the shards)
         self.sampler = EpochTagged(sampler)
-        self.training = drop_last
+        # a training batch of one left by unreadable files is left out, with one process only:
+        # ranks that skipped different batches would fall out of step (and SyncBatchNorm, which
+        # MoCo-v3 uses under DDP, takes one image on a rank)
+        self.single = not drop_last or world_size > 1
         self.loader = DataLoader(EpochSeeded(dataset, seed, rank), batch_size=batch_size,
                                  sampler=self.sampler, num_workers=num_workers,
                                  collate_fn=collate_skipping_bad, drop_last=drop_last,
@@ -404,7 +407,7 @@ class Loader:
     def epoch(self, epoch, bad_images=None):
         """Epoch `epoch`'s (images, labels); iterate it before calling epoch() again."""
         self.sampler.set_epoch(epoch)
-        return Readable(self.loader, bad_images, single=not self.training)
+        return Readable(self.loader, bad_images, single=self.single)
 
 
 class EpochTagged(torch.utils.data.Sampler):
@@ -473,9 +476,9 @@ def seed_worker(seed, epoch, rank, worker_id):
 
 class Readable:
     """Iterates a loader of (images, labels, n_bad) as (images, labels): the unreadable images
-    are counted into bad_images (if given) and a batch with no readable image is left out; in
-    training (single=False) so is one that unreadable files left with a single image, which
-    BatchNorm layers (MoCo-v3's heads, linear probing's) cannot train on."""
+    are counted into bad_images (if given) and a batch with no readable image is left out; with
+    single=False (training in one process) so is one that unreadable files left with a single
+    image, which BatchNorm layers (MoCo-v3's heads, linear probing's) cannot train on."""
 
     def __init__(self, batches, bad_images=None, single=True):
         self.batches = batches

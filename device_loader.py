@@ -215,6 +215,7 @@ class DeviceLoader:
         self.min_scale = min_scale
         self.interpolation = interpolation
         self.batched_crops = batched_crops  # device_augment's batched
+        self.world_size = world_size
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
@@ -231,7 +232,7 @@ class DeviceLoader:
     def epoch(self, epoch, bad_images=None):
         """One epoch of (images, labels) on the device, as make_loader's."""
         self.sampler.set_epoch(epoch)
-        return Readable(self.decoded_batches(), bad_images, single=False)
+        return Readable(self.decoded_batches(), bad_images, single=self.world_size > 1)
 
     def decoded_batches(self):
         for blobs, labels, n_unread in self.loader:

@@ -390,3 +390,8 @@ def test_a_training_batch_left_with_one_image_by_bad_files_is_left_out():
     kept = list(data.Readable(batches, bad, single=False))
     assert [len(b[0]) for b in kept] == [2, 1] and (bad.skipped, bad.seen) == (8, 12)
     assert [len(b[0]) for b in data.Readable(batches, single=True)] == [1, 2, 1]
+    # only in one process: ranks that left out different batches would fall out of step
+    images = list(range(8))
+    assert data.Loader(images, 2, 0, num_workers=0).single is False
+    assert data.Loader(images, 2, 0, rank=0, world_size=2, num_workers=0).single is True
+    assert data.Loader(images, 2, 0, num_workers=0, shuffle=False, drop_last=False).single
