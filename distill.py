@@ -25,6 +25,7 @@ from checkpoints import load_pretrained, read_checkpoint
 from hiera import Hiera
 from model import attention_logits, init_mae_weights
 from presets import build_model, preset_facts
+from weights import stated_args
 
 
 class DistillError(ValueError):
@@ -375,6 +376,48 @@ def validate_hiera_layout(student, teacher, student_layers, teacher_layers, targ
             raise DistillError(f"student block {s} ({s_tok} tokens) and teacher block {t} "
                                f"({t_tok} tokens) do not attend over the same tokens; pick "
                                "blocks of the same stage (e.g. the last blocks)")
+
+
+def check_flags(parser, args, facts):
+    """mae.py's distillation flags, before anything is read or downloaded: what the student's
+    family distils from which teacher (facts: presets.preset_facts of the student), flags that
+    need a teacher, and a published --teacher's image and patch size. One line each, naming
+    the fix (parser.error)."""
+    teacher_family = preset_facts(args.teacher_model)["family"]
+    if args.teacher is not None and (teacher_family != facts["family"]
+                                     or args.distill_target not in facts["distill_targets"]
+                                     or args.teacher_input not in facts["teacher_inputs"]):
+        what = {"attn": "attention", "rep": "representations", "relation": "relations"}
+        parser.error(f"a {facts['title']} student distils "
+                     f"{' or '.join(what[t] for t in facts['distill_targets'])} (--distill-target "
+                     f"{' / '.join(facts['distill_targets'])}) from a {facts['title']} teacher "
+                     f"(--teacher-model {facts['family']}_*) that sees --teacher-input "
+                     f"{' / '.join(facts['teacher_inputs'])}")
+    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
+              ("distill_target", "distill_on", "distill_weight", "teacher_input", "teacher_model")
+              if getattr(args, k) != parser.get_default(k)]
+    if args.teacher is None and unused:
+        parser.error(f"{', '.join(unused)} shape distillation, and this run has no teacher: add "
+                     "--distill-layer 12 (the default teacher) or --teacher FILE, or drop them")
+    if args.distill_on == "probs" and args.distill_target != "attn":
+        parser.error(f"--distill-on probs compares attention maps: it needs --distill-target attn, "
+                     f"not {args.distill_target}")
+    for flag, blocks in (("--distill-layer", args.distill_layer),
+                         ("--teacher-layer", args.teacher_layer)):
+        if blocks and len(set(blocks)) != len(blocks):
+            parser.error(f"{flag} {','.join(map(str, blocks))} names a block twice: name each once")
+    stated = stated_args(args.teacher) if args.teacher else {}  # a published name's
+    if stated and stated["model"] != args.teacher_model:
+        parser.error(f"--teacher {args.teacher} is a {stated['model']}: drop --teacher-model "
+                     f"{args.teacher_model} (or give --teacher-model {stated['model']})")
+    if stated and (stated["img_size"], stated["patch_size"]) != (args.img_size, args.patch_size):
+        parser.error(f"--teacher {args.teacher} sees {stated['img_size']}-px images in "
+                     f"{stated['patch_size']}-px patches: give the student --img-size "
+                     f"{stated['img_size']} --patch-size {stated['patch_size']}, or a teacher "
+                     "pre-trained at the student's size (--teacher FILE)")
+    if args.student_color_jitter > 0 and args.teacher is None:
+        parser.error("--student-color-jitter jitters the student's view apart from the "
+                     "teacher's (TinyMIM): it needs --teacher")
 
 
 def validate_layout(student, teacher, student_layers, teacher_layers, target, teacher_input):

@@ -217,20 +217,11 @@ def validate(args, parser):
     plumbing.check_ranges(parser, args, RANGES)
     facts = preset_facts(args.model)
     plumbing.check_run_flags(parser, args, facts["size_unit"])
+    distill.check_flags(parser, args, facts)
     depth = facts["depth"]
     if not facts["decodes_any_block"] and args.recon_layer is not None:
         parser.error("--recon-layer / --no-recon are for ViT students; Hiera's MAE decodes the "
                      "fused stages")
-    teacher_family = preset_facts(args.teacher_model)["family"]
-    if args.teacher is not None and (teacher_family != facts["family"]
-                                     or args.distill_target not in facts["distill_targets"]
-                                     or args.teacher_input not in facts["teacher_inputs"]):
-        what = {"attn": "attention", "rep": "representations", "relation": "relations"}
-        parser.error(f"a {facts['title']} student distils "
-                     f"{' or '.join(what[t] for t in facts['distill_targets'])} (--distill-target "
-                     f"{' / '.join(facts['distill_targets'])}) from a {facts['title']} teacher "
-                     f"(--teacher-model {facts['family']}_*) that sees --teacher-input "
-                     f"{' / '.join(facts['teacher_inputs'])}")
     if args.init is not None and args.resume is not None:
         parser.error("--init starts a new run from weights and --resume continues a run: give "
                      "one of them")
@@ -239,35 +230,13 @@ def validate(args, parser):
                      "ratio in (0, 1) (MAE's: 0.75)")
     if args.recon_layer == 0 and args.teacher is None:
         parser.error("--no-recon / --recon-layer 0 leaves nothing to learn without --teacher")
-    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
-              ("distill_target", "distill_on", "distill_weight", "teacher_input", "teacher_model")
-              if getattr(args, k) != parser.get_default(k)]
-    if args.teacher is None and unused:
-        parser.error(f"{', '.join(unused)} shape distillation, and this run has no teacher: add "
-                     "--distill-layer 12 (the default teacher) or --teacher FILE, or drop them")
-    if args.distill_on == "probs" and args.distill_target != "attn":
-        parser.error(f"--distill-on probs compares attention maps: it needs --distill-target attn, "
-                     f"not {args.distill_target}")
-    for flag, blocks in (("--distill-layer", args.distill_layer),
-                         ("--teacher-layer", args.teacher_layer)):
-        if blocks and len(set(blocks)) != len(blocks):
-            parser.error(f"{flag} {','.join(map(str, blocks))} names a block twice: name each once")
     if args.recon_layer is not None and not 0 <= args.recon_layer <= depth:
         where = "is beyond" if args.recon_layer > depth else "is not a block of"
         parser.error(f"--recon-layer {args.recon_layer} {where} {args.model}'s {depth} blocks "
                      f"(choose 1..{depth})")
-    for flag, name, arch, arch_flag in (("--teacher", args.teacher, args.teacher_model,
-                                         "--teacher-model"),
-                                        ("--init", args.init, args.model, "--model")):
-        if name in weights.WEIGHTS and weights.WEIGHTS[name]["model"] != arch:
-            parser.error(f"{flag} {name} is a {weights.WEIGHTS[name]['model']}: drop {arch_flag} "
-                         f"{arch} (or give {arch_flag} {weights.WEIGHTS[name]['model']})")
-    stated = weights.stated_args(args.teacher) if args.teacher else {}
-    if stated and (stated["img_size"], stated["patch_size"]) != (args.img_size, args.patch_size):
-        parser.error(f"--teacher {args.teacher} sees {stated['img_size']}-px images in "
-                     f"{stated['patch_size']}-px patches: give the student --img-size "
-                     f"{stated['img_size']} --patch-size {stated['patch_size']}, or a teacher "
-                     "pre-trained at the student's size (--teacher FILE)")
+    if args.init in weights.WEIGHTS and weights.WEIGHTS[args.init]["model"] != args.model:
+        parser.error(f"--init {args.init} is a {weights.WEIGHTS[args.init]['model']}: drop --model "
+                     f"{args.model} (or give --model {weights.WEIGHTS[args.init]['model']})")
     unit, what = (facts["size_unit"], "mask units") if facts["size_unit"] else \
         (args.patch_size, "patches")
     slots = (args.img_size // unit) ** 2
@@ -278,9 +247,6 @@ def validate(args, parser):
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         parser.error(f"--decoder-dim {args.decoder_dim} must be divisible by --decoder-heads "
                      f"{args.decoder_heads} and by 4 (sin-cos position embedding)")
-    if args.student_color_jitter > 0 and args.teacher is None:
-        parser.error("--student-color-jitter jitters the student's view apart from the "
-                     "teacher's (TinyMIM): it needs --teacher")
     if args.loader != "pil" and args.data not in ("imagefolder", "folder"):
         parser.error(f"--loader {args.loader} reads image files: use it with --data imagefolder "
                      "or --data folder")
