@@ -27,7 +27,8 @@ import viewers
 from checkpoints import CheckpointError, load_model
 from data import DATASETS, DataError
 from hiera import unroll_order
-from probe import add_probe_command, layer_names, layer_representations, run_probe
+from probe import (add_probe_command, check_probe_flags, layer_names, layer_representations,
+                   run_probe)
 from viewers import PALETTE, colormap, font, text_centered
 
 # ----------------------------------------------------------------------------------------------
@@ -493,17 +494,7 @@ def main(argv=None):
     if args.command == "probe" and args.data == "folder":
         parser.error("--data folder has no labels: probes need class folders (--data imagefolder)")
     if args.command == "probe":
-        given = [f for f, v in (("--ckpt", args.ckpt), ("--random-init", args.random_init),
-                                ("--pixels", args.pixels)) if v]
-        if len(given) != 1:
-            parser.error("probe needs one of --ckpt CKPT, --random-init MODEL or --pixels"
-                         + (f", not {' and '.join(given)}" if given else ""))
-        if len(set(args.subset_seeds)) != len(args.subset_seeds):
-            parser.error(f"--subset-seeds {' '.join(map(str, args.subset_seeds))} repeats a seed "
-                         "(the same subset): give each once")
-        if args.num_images != NUM_IMAGES:
-            parser.error("probe scores --max-images validation images (--num-images is cka's "
-                         "and attn's)")
+        check_probe_flags(parser, args, NUM_IMAGES)
     if args.command == "cka" and args.names is not None and len(args.names) > 2:
         parser.error(f"--names takes the names of A and B, not {len(args.names)}")
     if args.command == "cka" and args.random_init and (args.b or args.model_b):

@@ -41,6 +41,48 @@ def reinit_blocks(model, fresh, keep):
         block.load_state_dict(new.state_dict())
 
 
+def check_flags(parser, args, facts, source):
+    """finetune.py's rules for the model it builds, one line each naming the fix (parser.error):
+    the preset's pooling and relative positions (facts: presets.preset_facts), --keep-blocks,
+    linear probing's frozen backbone, the --export folder; and --eval / --export of one of our
+    fine-tuned files (source: its run's args) use it as it was trained."""
+    if (args.rel_pos and not facts["rel_pos"]) or \
+            args.global_pool not in (None, *facts["poolings"]):
+        parser.error(f"{args.model} mean-pools its tokens and has no relative position bias: drop "
+                     "--rel-pos / --global-pool token")
+    depth = facts["depth"]
+    if args.keep_blocks is not None:
+        if args.init is None and args.resume is None:
+            parser.error("--keep-blocks needs --init (blocks to keep)")
+        if not 0 <= args.keep_blocks <= depth:
+            parser.error(f"--keep-blocks {args.keep_blocks} must be within 0..{depth} "
+                         f"({args.model} has {depth} blocks)")
+    if "recipe" in source:  # one of our fine-tuned files, scored or exported as it was trained
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
+                   ("recipe", "global_pool", "rel_pos")
+                   if getattr(args, k) != source.get(k, parser.get_default(k))]
+        # the file's kept blocks are its trained weights; --keep-blocks would re-draw the rest
+        changed += [f"--keep-blocks {args.keep_blocks}"] if args.keep_blocks is not None else []
+        if changed:
+            parser.error(f"--eval / --export use {args.init} as it was fine-tuned: drop "
+                         f"{', '.join(changed)} (it would change the model, not score it)")
+    if args.recipe == "linprobe" and not (args.eval or args.export):  # the backbone is frozen
+        if args.keep_blocks is not None or args.rel_pos:
+            parser.error("--recipe linprobe freezes the pre-trained backbone: --keep-blocks / "
+                         "--rel-pos would freeze freshly initialised weights; drop them")
+        if args.layer_decay != 1:
+            parser.error(f"--layer-decay {args.layer_decay} has no effect with --recipe linprobe "
+                         "(only the head trains): drop it")
+        if args.batch_size < 2:
+            parser.error("--recipe linprobe trains a BatchNorm head, which needs at least 2 "
+                         "images a batch: --batch-size 2 or more")
+    if args.export and not args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        plumbing.check_out_dir(parser, args.export, "--export")
+        if os.path.isfile(os.path.join(args.export, "model.safetensors")) and not args.overwrite:
+            parser.error(f"--export {args.export} holds an earlier export (model.safetensors): "
+                         "choose another folder, or replace it with --overwrite")
+
+
 def build_classifier(args, num_classes):
     """The ViT or Hiera to train. linprobe: the head is BatchNorm1d(affine=False) + Linear and
     nothing else trains (FAIR MAE). Fine-tuning trains the ViT's position embedding too, as

@@ -238,22 +238,13 @@ def parse_args(argv=None):
         return found
 
     args, given = plumbing.parse_layered(parser, argv, "finetune.py", layers)
-    source = init_source_args(given.init) if given.init and (args.eval or args.export) else {}
-    if "recipe" in source:  # one of our fine-tuned files, scored or exported as it was trained
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
-                   ("recipe", "global_pool", "rel_pos")
-                   if getattr(args, k) != source.get(k, parser.get_default(k))]
-        # the file's kept blocks are its trained weights; --keep-blocks would re-draw the rest
-        changed += [f"--keep-blocks {args.keep_blocks}"] if args.keep_blocks is not None else []
-        if changed:
-            parser.error(f"--eval / --export use {given.init} as it was fine-tuned: drop "
-                         f"{', '.join(changed)} (it would change the model, not score it)")
     if given.auto_resume and args.lr is not None and len(args.lr) > 1:
         parser.error("--resume auto continues one run: with an lr sweep, give each lr its own "
                      "run (--lr 0.01 --out-dir OUT/lr0.01 --resume auto)")
     plumbing.warmup_from_fraction(args, RECIPES[args.recipe]["warmup_epochs"]
                                   / RECIPES[args.recipe]["epochs"])
-    validate(args, parser)
+    source = init_source_args(given.init) if given.init and (args.eval or args.export) else {}
+    validate(args, parser, source)
     try:  # a name -> its file in the hub cache (downloaded once); from here on a path
         args.init = weights.resolve(args.init, "--init")
     except weights.WeightsError as e:
@@ -303,9 +294,9 @@ RANGES = {**plumbing.RUN_RANGES,
           "subset_seed": "[0, 4294967295]"}
 
 
-def validate(args, parser):
-    """Each flag's range (RANGES), then the rules that tie flags together, with a message that
-    names the fix."""
+def validate(args, parser, source=None):
+    """Each flag's range (RANGES), then the rules that tie flags together, each naming the fix
+    (the model's: classifier.check_flags; source: an --eval / --export file's run args)."""
     plumbing.check_ranges(parser, args, RANGES)
     facts = preset_facts(args.model)
     plumbing.check_run_flags(parser, args, facts["size_unit"],
@@ -319,34 +310,9 @@ def validate(args, parser):
         parser.error(f"--loader dali has no RandAugment (timm's, which the recipes use): give "
                      f"--rand-aug 0 (colour jitter --color-jitter {args.color_jitter} then "
                      "applies, as timm), or --loader pil")
-    if (args.rel_pos and not facts["rel_pos"]) or \
-            args.global_pool not in (None, *facts["poolings"]):
-        parser.error(f"{args.model} mean-pools its tokens and has no relative position bias: drop "
-                     "--rel-pos / --global-pool token")
-    depth = facts["depth"]
-    if args.keep_blocks is not None:
-        if args.init is None and args.resume is None:
-            parser.error("--keep-blocks needs --init (blocks to keep)")
-        if not 0 <= args.keep_blocks <= depth:
-            parser.error(f"--keep-blocks {args.keep_blocks} must be within 0..{depth} "
-                         f"({args.model} has {depth} blocks)")
     if (args.eval or args.export) and args.init is None:
         parser.error("--eval / --export need --init (the checkpoint to evaluate or export)")
-    if args.recipe == "linprobe" and not (args.eval or args.export):  # the backbone is frozen
-        if args.keep_blocks is not None or args.rel_pos:
-            parser.error("--recipe linprobe freezes the pre-trained backbone: --keep-blocks / "
-                         "--rel-pos would freeze freshly initialised weights; drop them")
-        if args.layer_decay != 1:
-            parser.error(f"--layer-decay {args.layer_decay} has no effect with --recipe linprobe "
-                         "(only the head trains): drop it")
-        if args.batch_size < 2:
-            parser.error("--recipe linprobe trains a BatchNorm head, which needs at least 2 "
-                         "images a batch: --batch-size 2 or more")
-    if args.export and not args.export.endswith((".pth", ".pt", ".bin", ".safetensors")):
-        plumbing.check_out_dir(parser, args.export, "--export")
-        if os.path.isfile(os.path.join(args.export, "model.safetensors")) and not args.overwrite:
-            parser.error(f"--export {args.export} holds an earlier export (model.safetensors): "
-                         "choose another folder, or replace it with --overwrite")
+    classifier.check_flags(parser, args, facts, source or {})
     if args.init in weights.WEIGHTS and weights.WEIGHTS[args.init]["model"] != args.model:
         parser.error(f"--init {args.init} is a {weights.WEIGHTS[args.init]['model']}: drop --model "
                      f"{args.model} (or give --model {weights.WEIGHTS[args.init]['model']})")
@@ -498,8 +464,8 @@ def sweep(args):
     """Run train() once per --lr, each in its own folder; print the table of results."""
     rows = []
     sweeping = args.lr and len(args.lr) > 1
-    if sweeping and args.overwrite and not args.resume and int(os.environ.get("RANK", "0")) == 0:
-        os.makedirs(args.out_dir, exist_ok=True)  # an earlier single run's files, beside lr*/
+    if sweeping and args.overwrite and not args.resume and os.path.isdir(args.out_dir) \
+            and int(os.environ.get("RANK", "0")) == 0:  # an earlier single run's, beside lr*/
         loop.clear_run(args.out_dir, keep=(args.init,))
     for lr in args.lr or [None]:
         run = copy.copy(args)

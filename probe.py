@@ -170,6 +170,22 @@ def add_probe_command(sub, common):
                        help="also a logistic regression (L-BFGS, C = 1) on each layer")
 
 
+def check_probe_flags(parser, args, num_images_default):
+    """`analyze.py probe`'s rules, one line each (parser.error): one source of features, distinct
+    subset seeds, and no --num-images (cka's and attn's; a probe scores --max-images)."""
+    given = [f for f, v in (("--ckpt", args.ckpt), ("--random-init", args.random_init),
+                            ("--pixels", args.pixels)) if v]
+    if len(given) != 1:
+        parser.error("probe needs one of --ckpt CKPT, --random-init MODEL or --pixels"
+                     + (f", not {' and '.join(given)}" if given else ""))
+    if len(set(args.subset_seeds)) != len(args.subset_seeds):
+        parser.error(f"--subset-seeds {' '.join(map(str, args.subset_seeds))} repeats a seed "
+                     "(the same subset): give each once")
+    if args.num_images != num_images_default:
+        parser.error("probe scores --max-images validation images (--num-images is cka's and "
+                     "attn's)")
+
+
 def run_probe(args, device):
     """Frozen-feature kNN and linear accuracy of every layer (or of raw pixels), trained on
     --labels-per-class labelled training images (one subset per --subset-seeds seed) and scored
